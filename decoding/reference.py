@@ -1,0 +1,136 @@
+"""Plain-PyTorch reference of every op: clear rather than fast, fp32 inside, any device.
+
+Each fast implementation (C++/CUDA in csrc/, Triton in kernels/) is tested against the function
+of the same name here, and these are also the fallback when no fast implementation applies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, as HF Llama computes it.
+
+    The normalisation runs in fp32 and is rounded to x's dtype before the weight multiply, the
+    order HF uses, so that bf16 results agree with transformers bit for bit.
+    """
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def fused_add_rms_norm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    """In place: residual <- x + residual, then x <- rms_norm(residual) * weight.
+
+    x, residual: [num_tokens, hidden_size], same dtype; weight: [hidden_size].
+    """
+    residual.add_(x)
+    x.copy_(rms_norm_ref(residual, weight, eps))
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
+    """x: [num_tokens, 2 * intermediate] (gate | up) -> silu(gate) * up, in x's dtype."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies [head_dim // 2] (fp32) with HF's `default`, `linear` and `llama3` rules."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    rope_type = (scaling or {}).get("rope_type", "default")
+    if rope_type == "linear":
+        return inv_freq / float(scaling["factor"])
+    if rope_type == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_ctx = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < old_ctx / high) & ~(wavelen > old_ctx / low)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_cos_sin_cache(head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """[max_positions, head_dim] fp32: cos of the head_dim//2 frequencies, then their sin."""
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
+    freqs = torch.arange(max_positions, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+
+
+def rotary_embedding_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """In place: rotate q [num_tokens, num_heads, head_dim] and k [num_tokens, num_kv_heads, head_dim].
+
+    Non-interleaved (rotate-half) layout, as HF Llama. cos/sin are rounded to q's dtype before the
+    products, as HF does.
+    """
+    half = cos_sin_cache.shape[-1] // 2
+    cos, sin = cos_sin_cache[positions].to(q.dtype).split(half, dim=-1)
+    cos = torch.cat([cos, cos], dim=-1)[:, None, :]  # [num_tokens, 1, head_dim]
+    sin = torch.cat([sin, sin], dim=-1)[:, None, :]
+    for t in (q, k):
+        x1, x2 = t[..., :half], t[..., half:]
+        rotated = torch.cat([-x2, x1], dim=-1)
+        t.copy_(t * cos + rotated * sin)
+
+
+def reshape_and_cache_ref(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Write k, v [num_tokens, num_kv_heads, head_dim] into the paged caches.
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]; slot_mapping: [num_tokens]
+    int, slot = block_id * block_size + offset; a negative slot skips the token (padding).
+    """
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = k[keep]
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
+
+
+def paged_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Causal GQA attention of new query tokens over each sequence's paged K/V.
+
+    q: [num_tokens, num_heads, head_dim], the new tokens of all sequences back to back; sequence b
+    owns q[query_start_loc[b]:query_start_loc[b + 1]], which are the last tokens of its context of
+    seq_lens[b] tokens (already written to the cache). block_tables: [num_seqs, max_blocks] int.
+    Prefill (many query tokens), decode (one) and chunked prefill are the same call.
+    Returns [num_tokens, num_heads, head_dim] in q's dtype.
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for b, seq_len in enumerate(seq_lens.tolist()):
+        qb = q[starts[b]:starts[b + 1]].float()  # [n_q, H, D]
+        n_q = qb.shape[0]
+        blocks = block_tables[b, : (seq_len + block_size - 1) // block_size].long()
+        kb = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()  # [L, H_kv, D]
+        vb = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
+        group = num_heads // num_kv_heads
+        kb = kb.repeat_interleave(group, dim=1)  # [L, H, D]
+        vb = vb.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", qb, kb) * scale
+        q_pos = torch.arange(seq_len - n_q, seq_len, device=q.device)[:, None]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        allowed = k_pos <= q_pos
+        if sliding_window is not None:
+            allowed &= (q_pos - k_pos) < sliding_window
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out[starts[b]:starts[b + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vb).to(q.dtype)
+    return out
