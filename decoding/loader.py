@@ -1,0 +1,185 @@
+"""Checkpoint directory (or GGUF file) -> ModelConfig, weights in a LlamaModel, Tokenizer.
+
+safetensors and GGUF only: nothing here ever unpickles. Checkpoint keys are remapped in one
+place (`_target`) onto the fused qkv / gate_up layout of decoding.models.llama.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from decoding.config import ModelConfig
+from decoding.errors import CheckpointError
+from decoding.models.llama import LlamaModel
+from decoding.tokenizer import Tokenizer
+
+_LAYER_KEY = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# HF per-layer name -> (our parameter under layers.{i}., which part of its rows: index into the split)
+_LAYER_MAP = {
+    "self_attn.q_proj": ("attn.qkv", 0),
+    "self_attn.k_proj": ("attn.qkv", 1),
+    "self_attn.v_proj": ("attn.qkv", 2),
+    "self_attn.o_proj": ("attn.o", None),
+    "mlp.gate_proj": ("mlp.gate_up", 0),
+    "mlp.up_proj": ("mlp.gate_up", 1),
+    "mlp.down_proj": ("mlp.down", None),
+    "input_layernorm": ("input_norm", None),
+    "post_attention_layernorm": ("post_attn_norm", None),
+}
+# Checkpoint tensors that hold nothing we need (recomputed buffers).
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+
+def _row_splits(config: ModelConfig, param: str) -> list[int]:
+    if param == "attn.qkv":
+        return [config.q_size, config.kv_size, config.kv_size]
+    return [config.intermediate_size, config.intermediate_size]
+
+
+def _target(config: ModelConfig, hf_name: str) -> tuple[str, slice | None] | None:
+    """Our parameter name and row slice for one HF tensor name; None if it is to be ignored."""
+    if _IGNORED.match(hf_name):
+        return None
+    if hf_name == "model.embed_tokens.weight":
+        return "embed_tokens.weight", None
+    if hf_name == "model.norm.weight":
+        return "norm.weight", None
+    if hf_name == "lm_head.weight":
+        return (None if config.tie_word_embeddings else ("lm_head.weight", None))
+    m = _LAYER_KEY.fullmatch(hf_name)
+    if m is None:
+        raise CheckpointError(f"unexpected tensor {hf_name!r} in checkpoint (not a Llama-family weight)")
+    layer, rest = m.groups()
+    module, _, kind = rest.rpartition(".")
+    if module not in _LAYER_MAP or kind not in ("weight", "bias"):
+        raise CheckpointError(f"unexpected tensor {hf_name!r} in checkpoint (not a Llama-family weight)")
+    param, part = _LAYER_MAP[module]
+    name = f"layers.{layer}.{param}.{kind}"
+    if part is None:
+        return name, None
+    splits = _row_splits(config, param)
+    start = sum(splits[:part])
+    return name, slice(start, start + splits[part])
+
+
+def load_weights(model: LlamaModel, tensors: Iterator[tuple[str, torch.Tensor]], total: int | None = None,
+                 progress: bool = False) -> None:
+    """Copy HF-named checkpoint tensors into `model` (cast to its dtype and device).
+
+    Raises CheckpointError for an unknown name, a shape mismatch, or any parameter left unfilled.
+    """
+    params = dict(model.named_parameters())
+    filled: dict[str, int] = {name: 0 for name in params}
+    bar = tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=not progress)
+    with torch.no_grad():
+        for hf_name, tensor in bar:
+            target = _target(model.config, hf_name)
+            if target is None:
+                continue
+            name, rows = target
+            if name not in params:
+                raise CheckpointError(f"checkpoint tensor {hf_name!r} has no place in this config ({name})")
+            dest = params[name] if rows is None else params[name][rows]
+            if tuple(tensor.shape) != tuple(dest.shape):
+                raise CheckpointError(
+                    f"{hf_name}: shape {tuple(tensor.shape)} in the checkpoint, {tuple(dest.shape)} expected by config")
+            dest.copy_(tensor)
+            filled[name] += dest.shape[0] if dest.dim() else 1
+    missing = [n for n, p in params.items() if filled[n] < (p.shape[0] if p.dim() else 1)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"checkpoint is missing weights for: {shown}")
+
+
+def build_model(config: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> LlamaModel:
+    """An uninitialised LlamaModel on `device` (built on meta first: no wasted init of big matrices)."""
+    with torch.device("meta"):
+        model = LlamaModel(config)
+    model = model.to(dtype).to_empty(device=device)  # cast on meta: no fp32 copy of the weights
+    model.init_buffers()  # the RoPE table stays fp32
+    return model.eval().requires_grad_(False)
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from e
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise CheckpointError(f"{index.name} names shard(s) missing from {path}: {', '.join(absent)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = [f.name for f in path.glob("*") if f.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+        hint = f" (found {', '.join(pickles)}: pickled weights are never loaded; convert to safetensors)" if pickles else ""
+        raise CheckpointError(f"no *.safetensors weights in {path}{hint}")
+    return files
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                for key in st.keys():
+                    yield key, st.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {f}: {e}") from e
+
+
+def _count_safetensors(files: list[Path]) -> int:
+    from safetensors import SafetensorError, safe_open
+
+    total = 0
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as st:
+                total += len(st.keys())
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"cannot read {f}: {e}") from e
+    return total
+
+
+def load(path: str | Path | None, device: torch.device | str, dtype: torch.dtype,
+         progress: bool = False) -> tuple[LlamaModel, Tokenizer]:
+    """Load a HF checkpoint directory, a .gguf file (or a directory holding one), or the embedded model (None)."""
+    if path is None:
+        from decoding.gguf import embedded_gguf_path
+
+        path = embedded_gguf_path()
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint path {path} does not exist")
+    gguf_file = path if path.is_file() else None
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            gguf_file = found[0]
+    if gguf_file is not None:
+        if gguf_file.suffix != ".gguf":
+            raise CheckpointError(f"{gguf_file} is a file but not a .gguf; pass a checkpoint directory or a .gguf file")
+        from decoding.gguf import load_gguf
+
+        ckpt = load_gguf(gguf_file, progress=progress)
+        config = ModelConfig.from_hf(ckpt.hf_config)
+        model = build_model(config, device, dtype)
+        load_weights(model, iter(ckpt.tensors.items()), total=len(ckpt.tensors), progress=progress)
+        return model, Tokenizer.from_gguf(ckpt, config)
+
+    config = ModelConfig.from_file(path / "config.json")
+    files = _safetensors_files(path)
+    tokenizer = Tokenizer.from_dir(path, config)
+    model = build_model(config, device, dtype)
+    load_weights(model, _iter_safetensors(files), total=_count_safetensors(files), progress=progress)
+    return model, tokenizer
