@@ -163,8 +163,8 @@ class Generator:
     def generate(self, prompts: str | list[str], params: SamplingParams | None = None
                  ) -> Output | list[Output]:
         """Complete one prompt (returns an Output) or a list of prompts (returns a list, same order)."""
-        single = isinstance(prompts, str)
-        seqs = self._make_sequences([prompts] if single else prompts, params)
+        single = not isinstance(prompts, (list, tuple))
+        seqs = self._make_sequences([prompts] if single else list(prompts), params)
         t_start = time.perf_counter()
         for _ in self._run(seqs):
             pass

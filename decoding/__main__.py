@@ -1,0 +1,5 @@
+import sys
+
+from decoding.cli import main
+
+sys.exit(main())

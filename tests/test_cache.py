@@ -1,0 +1,35 @@
+"""Block pool bookkeeping and slot mapping of the paged KV cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decoding.cache import AttentionMetadata, BlockPool
+from decoding.errors import CacheExhausted
+
+
+def test_allocate_free_share():
+    pool = BlockPool(8)
+    a = pool.allocate(3)
+    b = pool.allocate(5)
+    assert sorted(a + b) == list(range(8)) and pool.num_free == 0
+    with pytest.raises(CacheExhausted, match="needs 1 KV blocks, 0 of 8 are free"):
+        pool.allocate(1)
+    pool.share(a)
+    pool.free(a)
+    assert pool.num_free == 0 and pool.refcount(a[0]) == 1
+    pool.free(a)
+    pool.free(b)
+    assert pool.num_free == 8
+    with pytest.raises(AssertionError, match="double free"):
+        pool.free([a[0]])
+
+
+def test_slot_mapping_and_tables():
+    # seq 0: 5-token prefill in blocks [3, 1] (block_size 4); seq 1: decode of its 7th token in [0, 2]
+    meta = AttentionMetadata.build([[3, 1], [0, 2]], [5, 7], [5, 1], 4, "cpu")
+    assert meta.slot_mapping.tolist() == [12, 13, 14, 15, 4, 10]
+    assert meta.block_tables.tolist() == [[3, 1], [0, 2]]
+    assert meta.seq_lens.tolist() == [5, 7] and meta.query_start_loc.tolist() == [0, 5, 6]
+    assert meta.slot_mapping.dtype == torch.int64 and meta.block_tables.dtype == torch.int32
