@@ -34,6 +34,7 @@ def hf_config(variant: str, **overrides):
     common = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rms_norm_eps=1e-5, eos_token_id=BYTE_VOCAB, bos_token_id=None, tie_word_embeddings=False)
+    extra = {k: overrides.pop(k) for k in list(overrides) if k in common or k == "head_dim"}
     if variant == "llama":
         cfg = transformers.LlamaConfig(**common, rope_theta=10000.0)
     elif variant == "llama3":  # GQA, llama3 RoPE scaling, tied embeddings (Llama 3.2 style)
@@ -43,13 +44,18 @@ def hf_config(variant: str, **overrides):
             "original_max_position_embeddings": 32})
     elif variant == "llama_linear":
         cfg = transformers.LlamaConfig(**common, rope_scaling={"rope_type": "linear", "factor": 2.0})
-    elif variant == "mistral":  # sliding window shorter than the test sequences
+    elif variant == "mistral":  # sliding window shorter than the test sequences; explicit head_dim
         common.update(head_dim=32)
         cfg = transformers.MistralConfig(**common, sliding_window=24)
     elif variant == "qwen2":  # QKV bias
         cfg = transformers.Qwen2Config(**common)
     else:
         raise ValueError(variant)
+    if extra:  # rebuild so derived fields (head_dim) follow the overridden sizes
+        kwargs = {**cfg.to_dict(), **extra}
+        if "head_dim" not in extra and variant != "mistral":
+            kwargs.pop("head_dim", None)
+        cfg = type(cfg)(**kwargs)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
