@@ -77,12 +77,17 @@ def save_random_checkpoint(variant: str, path: Path, seed: int = 0, **overrides)
     return model
 
 
-def prefill_logits(model: LlamaModel, ids: list[int], block_size: int = 8):
-    """Run our model over `ids` as one prefill; return (logits for every position [n, vocab], cache, blocks)."""
+def prefill_logits(model: LlamaModel, ids: list[int], block_size: int = 8, room: int = 64):
+    """Run our model over `ids` as one prefill, leaving cache room for `room` more tokens.
+
+    Returns (logits for every position [n, vocab], cache, blocks). The blocks are handed out in
+    reverse order so that a sequence's blocks are not contiguous in the pool (as in real use).
+    """
     cfg = model.config
     dev = model.embed_tokens.weight.device
-    cache = KVCache(cfg, 64, block_size, dev, model.embed_tokens.weight.dtype)
-    blocks = cache.pool.allocate(cache.blocks_for(cfg.max_position_embeddings))
+    num_blocks = -(-(len(ids) + room) // block_size)
+    cache = KVCache(cfg, num_blocks, block_size, dev, model.embed_tokens.weight.dtype)
+    blocks = cache.pool.allocate(num_blocks)[::-1]
     meta = AttentionMetadata.build([blocks], [len(ids)], [len(ids)], block_size, dev)
     with torch.inference_mode():
         h = model(torch.tensor(ids, device=dev), torch.arange(len(ids), device=dev), (cache.k, cache.v), meta)
