@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# On a GPU node (the image's python3 with CUDA torch): build for sm_90, run the whole test suite
+# (GPU tests included) and the kernel benchmarks; logs go to $OUT (or ./gpu_logs).
+# Wheels for packages the node lacks (e.g. gguf) may be put in .whl/ beforehand.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_logs}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+start=$(date +%s)
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+    python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+echo "build rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
+python3 -c "from decoding import ops; import json; print(json.dumps(ops.describe(), indent=1))" 2>&1 | tee -a "$OUT/env.txt"
+python3 benches/copy_bandwidth.py 2>&1 | tee -a "$OUT/env.txt"
+python3 -m pytest tests -q -m gpu -rs -s -p no:cacheprovider "$@" > "$OUT/gpu_tests.log" 2>&1
+echo "gpu tests rc=$?: $(tail -1 "$OUT/gpu_tests.log")" | tee -a "$OUT/env.txt"
+grep -E "teacher-forced" "$OUT/gpu_tests.log" | tee -a "$OUT/env.txt"
+python3 -m pytest tests -q -m "not gpu" -x -p no:cacheprovider > "$OUT/cpu_tests.log" 2>&1
+echo "non-gpu tests on the GPU node rc=$?: $(tail -1 "$OUT/cpu_tests.log")" | tee -a "$OUT/env.txt"
+python3 -m pytest benches/bench_norm.py -q -p no:cacheprovider --benchmark-columns=median \
+    --benchmark-json="$OUT/bench_norm.json" > "$OUT/bench_norm.log" 2>&1
+echo "bench rc=$?" | tee -a "$OUT/env.txt"
+python3 - "$OUT/bench_norm.json" <<'PY' 2>&1 | tee -a "$OUT/env.txt"
+import json, sys
+for b in json.load(open(sys.argv[1]))["benchmarks"]:
+    print(f"{b['name']:<55} {b['extra_info']['us_per_call']:8.2f} us  {b['extra_info']['GB/s']:8.1f} GB/s")
+PY
