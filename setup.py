@@ -31,15 +31,11 @@ def _with_cuda() -> bool:
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-def _cxx_std() -> str:
-    # torch >= 2.13 builds its own extensions as C++20 and its headers use C++20 features (bit-field
-    # initialisers: warnings under C++17); older torch, as on the GPU machine (2.11), uses C++17.
-    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
-    return "-std=c++20" if (major, minor) >= (2, 13) else "-std=c++17"
-
-
 def _extension():
-    cxx = ["-O3", _cxx_std()]
+    # No -std flag: torch's cpp_extension adds the standard torch itself was built with (C++17 up to
+    # early 2026, C++20 since). Forcing C++17 against torch 2.11's headers built an extension that
+    # segfaulted when it formatted an error message (seen on the H100 node); torch >= 2.13 refuses C++17.
+    cxx = ["-O3"]
     link = []
     if sys.platform == "linux":
         # at::parallel_for only runs rows in parallel when compiled with OpenMP; this links the same
@@ -56,7 +52,7 @@ def _extension():
     if not _with_cuda():
         return cpp_extension.CppExtension(sources=sources, **kwargs)
     nvcc_threads = os.environ.get("NVCC_THREADS", "4")
-    kwargs["extra_compile_args"]["nvcc"] = ["-O3", _cxx_std(), "--threads", nvcc_threads, "-lineinfo"]
+    kwargs["extra_compile_args"]["nvcc"] = ["-O3", "--threads", nvcc_threads, "-lineinfo"]
     return cpp_extension.CUDAExtension(sources=sources + _sources("cuda/*.cu"), **kwargs)
 
 
