@@ -15,6 +15,10 @@ fi
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
+# Build with the system toolchain: on the lent H100/H200 image, Python's sysconfig compiler resolves to a
+# /opt/gcc/bin/g++ wrapper that links part of libstdc++ statically into the extension, whose iostream
+# facets are then never initialised: formatting an integer in a TORCH_CHECK message segfaulted.
+export CC=${CC:-gcc} CXX=${CXX:-g++} LDSHARED=${LDSHARED:-"g++ -shared"}
 start=$(date +%s)
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
     python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
