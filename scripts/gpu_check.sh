@@ -38,3 +38,10 @@ import json, sys
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
     print(f"{b['name']:<55} {b['extra_info']['us_per_call']:8.2f} us  {b['extra_info']['GB/s']:8.1f} GB/s")
 PY
+# A wheel for the arches in TORCH_CUDA_ARCH_LIST: it must hold decoding/_C*.so with sm_90 code and decoding/kernels/.
+rm -rf /tmp/decoding_wheel
+TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+    python3 -m pip wheel --no-build-isolation --no-deps . -w /tmp/decoding_wheel > "$OUT/wheel.log" 2>&1
+echo "wheel rc=$?: $(ls /tmp/decoding_wheel)" | tee -a "$OUT/env.txt"
+( cd /tmp/decoding_wheel && unzip -o -q ./*.whl -d x && ls x/decoding | grep -E "_C|kernels" \
+  && cuobjdump --list-elf x/decoding/_C*.so | grep -o "sm_[0-9a-z]*" | sort -u ) 2>&1 | tee -a "$OUT/env.txt"
