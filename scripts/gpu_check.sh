@@ -18,11 +18,12 @@ fi
 # Build with the system toolchain: on the lent H100/H200 image, Python's sysconfig compiler resolves to a
 # /opt/gcc/bin/g++ wrapper that links part of libstdc++ statically into the extension, whose iostream
 # facets are then never initialised: formatting an integer in a TORCH_CHECK message segfaulted.
-export CC=${CC:-gcc} CXX=${CXX:-g++} LDSHARED=${LDSHARED:-"g++ -shared"}
+# Set unconditionally: a CC preset in that image's environment kept the wrapper when these were defaults.
+export CC=gcc CXX=g++ LDSHARED="g++ -shared"
 start=$(date +%s)
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-    python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
-echo "build rc=$? in $(( $(date +%s) - start )) s" | tee -a "$OUT/env.txt"
+    python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
+echo "build rc=$? in $(( $(date +%s) - start )) s, linked by: $(grep -oE '^ +[^ ]*g\+\+ ' "$OUT/build.log" | sort -u | tr -s ' ')" | tee -a "$OUT/env.txt"
 python3 -c "from decoding import ops; import json; print(json.dumps(ops.describe(), indent=1))" 2>&1 | tee -a "$OUT/env.txt"
 python3 benches/copy_bandwidth.py 2>&1 | tee -a "$OUT/env.txt"
 python3 -m pytest tests -q -m gpu -rs -s -p no:cacheprovider "$@" > "$OUT/gpu_tests.log" 2>&1
@@ -43,5 +44,5 @@ rm -rf /tmp/decoding_wheel
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
     python3 -m pip wheel --no-build-isolation --no-deps . -w /tmp/decoding_wheel > "$OUT/wheel.log" 2>&1
 echo "wheel rc=$?: $(ls /tmp/decoding_wheel)" | tee -a "$OUT/env.txt"
-( cd /tmp/decoding_wheel && unzip -o -q ./*.whl -d x && ls x/decoding | grep -E "_C|kernels" \
+( cd /tmp/decoding_wheel && python3 -m zipfile -e ./*.whl x && ls x/decoding | grep -E "_C|kernels" \
   && cuobjdump --list-elf x/decoding/_C*.so | grep -o "sm_[0-9a-z]*" | sort -u ) 2>&1 | tee -a "$OUT/env.txt"
