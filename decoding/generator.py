@@ -174,10 +174,14 @@ class Generator:
     def stream(self, prompt: str, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion of one prompt as text pieces, as they are produced."""
         seqs = self._make_sequences([prompt], params)
-        for seq in self._run(seqs):
-            delta = seq.take_delta()
-            if delta:
-                yield delta
+        run = self._run(seqs)
+        try:
+            for seq in run:
+                delta = seq.take_delta()
+                if delta:
+                    yield delta
+        finally:
+            run.close()  # the caller may stop early: free the KV blocks now, not whenever GC runs
 
     def chat(self, messages: str | list[dict[str, str]], params: SamplingParams | None = None) -> Output:
         """Answer a conversation ([{"role": "user", "content": ...}, ...], or one user message as a str)."""
