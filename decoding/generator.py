@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,29 +13,14 @@ from decoding import ops
 from decoding.cache import AttentionMetadata, KVCache
 from decoding.errors import InvalidRequest
 from decoding.models.llama import LlamaModel
+from decoding.sampling.candidates import rank
 from decoding.sampling.params import SamplingParams
-from decoding.sampling.sampler import SamplingBatch, sample
-from decoding.tokenizer import Detokenizer, Tokenizer
+from decoding.sampling.sampler import SamplingState, sample
+from decoding.sequence import Output, Sequence
+from decoding.tokenizer import Tokenizer
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-@dataclass
-class Output:
-    """One finished completion."""
-
-    text: str
-    """The completion (special tokens and any stop string left out)."""
-    token_ids: list[int]
-    """Generated token ids, including the end-of-sequence or stop token if one ended it."""
-    finish_reason: str
-    """"stop" (end-of-sequence, a stop token or stop string) or "length" (max_tokens or the context window)."""
-    prompt_token_ids: list[int] = field(repr=False)
-    time_to_first_token: float = 0.0
-    """Seconds from the call to the first generated token (includes the prefill)."""
-    tokens_per_second: float = 0.0
-    """Decode rate after the first token: (tokens - 1) / seconds between first and last; 0 for one token."""
 
 
 def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None
@@ -60,64 +45,13 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.d
     return device, dtype
 
 
-class _Sequence:
-    """One request's state during generation."""
+@dataclass
+class _Request:
+    """One prompt and its candidate sequences (one unless n > 1 or several temperatures)."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, budget: int,
-                 tokenizer: Tokenizer, device: torch.device) -> None:
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.budget = budget  # tokens it may still generate (max_tokens, clipped to the context)
-        self.output_ids: list[int] = []
-        self.blocks: list[int] = []
-        self.detok = Detokenizer(tokenizer, prompt_ids)
-        self.text = ""
-        self.emitted = 0  # characters of text already streamed
-        self.finish_reason: str | None = None
-        self.t_first = self.t_last = 0.0
-        self.generator = None
-        if params.seed is not None:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(params.seed)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    def append(self, token: int, eos_ids: list[int]) -> None:
-        """Add one generated token and decide whether the sequence is finished."""
-        now = time.perf_counter()
-        if not self.output_ids:
-            self.t_first = now
-        self.t_last = now
-        self.output_ids.append(token)
-        p = self.params
-        if (token in eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
-            self.finish_reason = "stop"
-            return
-        search_from = max(0, len(self.text) - max((len(s) for s in p.stop), default=0))
-        self.text += self.detok.add(token)
-        for s in p.stop:
-            at = self.text.find(s, search_from)
-            if at >= 0:
-                self.text = self.text[:at]
-                self.finish_reason = "stop"
-                return
-        if len(self.output_ids) >= self.budget:
-            self.finish_reason = "length"
-
-    def take_delta(self) -> str:
-        """Text not yet streamed, holding back a tail that could still become a stop string."""
-        hold = 0 if self.finish_reason else max((len(s) - 1 for s in self.params.stop), default=0)
-        end = max(self.emitted, len(self.text) - hold)
-        delta, self.emitted = self.text[self.emitted:end], end
-        return delta
-
-    def output(self, t_start: float) -> Output:
-        n = len(self.output_ids)
-        rate = (n - 1) / (self.t_last - self.t_first) if n > 1 and self.t_last > self.t_first else 0.0
-        return Output(self.text, list(self.output_ids), self.finish_reason or "length", self.prompt_ids,
-                      self.t_first - t_start, rate)
+    prompt: str
+    prompt_ids: list[int]
+    seqs: list[Sequence]
 
 
 class Generator:
@@ -162,26 +96,38 @@ class Generator:
     # ----------------------------------------------------------------------------- public API
     def generate(self, prompts: str | list[str], params: SamplingParams | None = None
                  ) -> Output | list[Output]:
-        """Complete one prompt (returns an Output) or a list of prompts (returns a list, same order)."""
+        """Complete one prompt (returns an Output) or a list of prompts (returns a list, same order).
+
+        With n > 1 or `temperatures`, each Output is the best candidate and lists all of them.
+        """
         single = not isinstance(prompts, (list, tuple))
-        seqs = self._make_sequences([prompts] if single else list(prompts), params)
+        requests = self._make_requests([prompts] if single else list(prompts), params)
         t_start = time.perf_counter()
-        for _ in self._run(seqs):
+        for _ in self._run(requests):
             pass
-        outs = [s.output(t_start) for s in seqs]
+        outs = [self._output(r, t_start) for r in requests]
         return outs[0] if single else outs
 
     def stream(self, prompt: str, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the completion of one prompt as text pieces, as they are produced."""
-        seqs = self._make_sequences([prompt], params)
-        run = self._run(seqs)
+        """Yield the completion of one prompt as text pieces, as they are produced.
+
+        Text that a stop string or a cycle cut could still remove is held back until it is settled,
+        so the pieces always join to exactly Output.text. Needs a single candidate (n = 1).
+        """
+        requests = self._make_requests([prompt], params)
+        if len(requests[0].seqs) > 1:
+            raise InvalidRequest("stream() returns one completion: use generate() for n > 1 or temperatures")
+        seq = requests[0].seqs[0]
+        run = self._run(requests)
         try:
-            for seq in run:
+            for _ in run:
                 delta = seq.take_delta()
                 if delta:
                     yield delta
         finally:
             run.close()  # the caller may stop early: free the KV blocks now, not whenever GC runs
+        if seq.error is not None:
+            raise InvalidRequest(seq.error)
 
     def chat(self, messages: str | list[dict[str, str]], params: SamplingParams | None = None) -> Output:
         """Answer a conversation ([{"role": "user", "content": ...}, ...], or one user message as a str)."""
@@ -191,6 +137,38 @@ class Generator:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+    @torch.inference_mode()
+    def score(self, prompt: str, completions: list[str]) -> list[float]:
+        """Mean log-prob per token of each completion given the prompt (a judge for candidates).
+
+        An empty completion scores -inf.
+        """
+        prompt_ids = self.tokenizer.encode(prompt)
+        comp_ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in completions]
+        seqs = [prompt_ids + ids for ids in comp_ids]
+        cache = self._ensure_cache(sum(self._blocks_for(len(s)) for s in seqs))
+        tables = [cache.pool.allocate(self._blocks_for(len(s))) for s in seqs]
+        try:
+            meta = AttentionMetadata.build(tables, [len(s) for s in seqs], [len(s) for s in seqs],
+                                           self.block_size, self.device)
+            ids = torch.tensor([t for s in seqs for t in s], device=self.device)
+            pos = torch.tensor([p for s in seqs for p in range(len(s))], device=self.device)
+            hidden = self.model(ids, pos, (cache.k, cache.v), meta)
+        finally:
+            for table in tables:
+                cache.pool.free(table)
+        scores, start = [], 0
+        for s, ids in zip(seqs, comp_ids):
+            n_prompt = len(s) - len(ids)
+            if ids:  # hidden at position p predicts token p + 1
+                lp = self.model.compute_logits(hidden[start + n_prompt - 1: start + len(s) - 1]).log_softmax(-1)
+                target = torch.tensor(ids, device=self.device)[:, None]
+                scores.append(lp.gather(1, target).mean().item())
+            else:
+                scores.append(-float("inf"))
+            start += len(s)
+        return scores
 
     def info(self) -> dict:
         c = self.config
@@ -206,7 +184,10 @@ class Generator:
         }
 
     # ----------------------------------------------------------------------------- internals
-    def _make_sequences(self, prompts: list[str], params: SamplingParams | None) -> list[_Sequence]:
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _make_requests(self, prompts: list[str], params: SamplingParams | None) -> list[_Request]:
         """Tokenize and validate every prompt before any work starts."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -214,7 +195,7 @@ class Generator:
         if not prompts:
             raise InvalidRequest("prompts: the list is empty")
         context = self.config.max_position_embeddings
-        seqs = []
+        requests = []
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str):
                 raise InvalidRequest(f"prompt {i} must be a str, got {type(prompt).__name__}")
@@ -227,58 +208,112 @@ class Generator:
                 raise InvalidRequest(
                     f"prompt {i} has {len(ids)} tokens; the context window is {context} tokens "
                     f"(prompt + completion), so the prompt must be under {context}")
-            seqs.append(_Sequence(ids, params, min(params.max_tokens, context - len(ids)),
-                                  self.tokenizer, self.device))
-        return seqs
+            budget = min(params.max_tokens, context - len(ids))
+            seqs = [Sequence(ids, params, temp, budget, self.tokenizer,
+                             None if params.seed is None else params.seed + c)
+                    for c, temp in enumerate(params.candidate_temperatures())]
+            requests.append(_Request(prompt, ids, seqs))
+        return requests
 
-    def _ensure_cache(self, seqs: list[_Sequence]) -> KVCache:
-        # Static batching: every sequence gets the blocks for its whole budget up front.
-        need = sum(-(-(len(s.prompt_ids) + s.budget) // self.block_size) for s in seqs)
-        if self._cache is None or self._cache.num_blocks < need:
+    def _ensure_cache(self, need: int) -> KVCache:
+        if self._cache is None or self._cache.pool.num_free < need:
+            total = need + (self._cache.num_blocks - self._cache.pool.num_free if self._cache else 0)
+            if self._cache is not None and self._cache.pool.num_free != self._cache.num_blocks:
+                raise InvalidRequest("the KV cache is in use by another call on this Generator")
             self._cache = None  # free the old pool before taking a bigger one
-            self._cache = KVCache(self.config, need, self.block_size, self.device, self.dtype)
-        for s in seqs:
-            s.blocks = self._cache.pool.allocate(self._cache.blocks_for(len(s.prompt_ids) + s.budget))
+            self._cache = KVCache(self.config, total, self.block_size, self.device, self.dtype)
         return self._cache
 
+    def _fork(self, cache: KVCache, req: _Request, prompt_blocks: list[int]) -> None:
+        """Give each candidate the prompt's KV: full blocks shared, the partial last block copied."""
+        n_prompt, full = len(req.prompt_ids), len(req.prompt_ids) // self.block_size
+        for seq in req.seqs:
+            own = cache.pool.allocate(self._blocks_for(n_prompt + seq.budget) - full)
+            cache.pool.share(prompt_blocks[:full])
+            seq.blocks = prompt_blocks[:full] + own
+            if n_prompt % self.block_size:
+                for layer_cache in (*cache.k, *cache.v):
+                    layer_cache[own[0]].copy_(layer_cache[prompt_blocks[full]])
+        cache.pool.free(prompt_blocks)
+
     @torch.inference_mode()
-    def _forward(self, cache: KVCache, seqs: list[_Sequence], input_ids: list[int], query_lens: list[int]
-                 ) -> torch.Tensor:
-        """One model step over the new tokens of `seqs`; returns last-token logits [len(seqs), vocab]."""
-        seq_lens = [s.num_tokens for s in seqs]
+    def _forward(self, cache: KVCache, tables: list[list[int]], seq_lens: list[int], input_ids: list[int],
+                 query_lens: list[int]) -> torch.Tensor:
+        """One model step over the new tokens; returns last-token logits [len(tables), vocab] (fp32)."""
         positions = [p for n, q in zip(seq_lens, query_lens) for p in range(n - q, n)]
-        meta = AttentionMetadata.build([s.blocks for s in seqs], seq_lens, query_lens, self.block_size, self.device)
+        meta = AttentionMetadata.build(tables, seq_lens, query_lens, self.block_size, self.device)
         ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         pos = torch.tensor(positions, dtype=torch.int64).to(self.device, non_blocking=True)
         hidden = self.model(ids, pos, (cache.k, cache.v), meta)
         last = torch.tensor(query_lens).cumsum(0).sub(1).to(self.device)
         return self.model.compute_logits(hidden[last])
 
-    def _run(self, seqs: list[_Sequence]) -> Iterator[_Sequence]:
-        """Prefill all sequences, then decode the unfinished ones together; yields each sequence
-        every time it gets a token. Blocks go back to the pool as sequences finish."""
-        cache = self._ensure_cache(seqs)
+    def _run(self, requests: list[_Request]) -> Iterator[Sequence]:
+        """Prefill every prompt once, fork its candidates, then decode all unfinished sequences together;
+        yields each sequence every time it gets a token. Blocks go back to the pool as sequences finish."""
+        seqs = [s for r in requests for s in r.seqs]
+        need = sum(self._blocks_for(len(r.prompt_ids)) + sum(self._blocks_for(len(r.prompt_ids) + s.budget)
+                                                             for s in r.seqs) for r in requests)
+        cache = self._ensure_cache(need)
         eos = self.tokenizer.eos_token_ids
-        batch = SamplingBatch.build([s.params for s in seqs], [s.generator for s in seqs], self.device)
+        rows = [i for i, r in enumerate(requests) for _ in r.seqs]  # candidate -> its request
+        prompt_tables = [cache.pool.allocate(self._blocks_for(len(r.prompt_ids))) for r in requests]
+        state = SamplingState([s.params for s in seqs], [s.temperature for s in seqs], [s.seed for s in seqs],
+                              [s.prompt_ids for s in seqs], self.config.vocab_size, self.device,
+                              need_logprobs=any(len(r.seqs) > 1 for r in requests))
         try:
+            logits = self._forward(cache, prompt_tables, [len(r.prompt_ids) for r in requests],
+                                   [t for r in requests for t in r.prompt_ids], [len(r.prompt_ids) for r in requests])
+            for req, table in zip(requests, prompt_tables):
+                self._fork(cache, req, table)
+            prompt_tables = []
+            logits = logits.index_select(0, torch.tensor(rows, device=self.device))
             running = list(range(len(seqs)))
-            logits = self._forward(cache, seqs, [t for s in seqs for t in s.prompt_ids],
-                                   [len(s.prompt_ids) for s in seqs])
             while running:
-                tokens = sample(logits, batch.select(running) if len(running) < len(seqs) else batch).tolist()
-                for i, token in zip(running, tokens):
-                    seqs[i].append(token, eos)
-                    yield seqs[i]
+                yield from self._accept(sample(logits, state), [seqs[i] for i in running], eos)
                 for i in running:
                     if seqs[i].finish_reason is not None:
                         cache.pool.free(seqs[i].blocks)
                         seqs[i].blocks = []
-                running = [i for i in running if seqs[i].finish_reason is None]
+                keep = [k for k, i in enumerate(running) if seqs[i].finish_reason is None]
+                if keep and len(keep) < len(running):
+                    state.select(keep)
+                running = [running[k] for k in keep]
                 if running:
                     active = [seqs[i] for i in running]
-                    logits = self._forward(cache, active, [s.output_ids[-1] for s in active], [1] * len(active))
+                    logits = self._forward(cache, [s.blocks for s in active], [s.num_tokens for s in active],
+                                           [s.output_ids[-1] for s in active], [1] * len(active))
         finally:
+            for table in prompt_tables:
+                cache.pool.free(table)
             for s in seqs:  # also on error or when a stream is abandoned: give every block back
                 if s.blocks:
                     cache.pool.free(s.blocks)
                     s.blocks = []
+
+    @staticmethod
+    def _accept(result, active: list[Sequence], eos: list[int]) -> Iterator[Sequence]:
+        """Hand each sequence its sampled token (one host sync for the whole batch)."""
+        tokens = result.tokens.tolist()
+        chosen = result.logprobs.tolist() if result.logprobs is not None else [None] * len(active)
+        tops = [None] * len(active)
+        if result.top_ids is not None:
+            tops = [list(zip(i, lp)) for i, lp in zip(result.top_ids.tolist(), result.top_logprobs.tolist())]
+        for seq, token, lp, top in zip(active, tokens, chosen, tops):
+            if token < 0:
+                seq.fail(f"the model produced NaN or infinite logits at generated token {len(seq.output_ids)}")
+            else:
+                seq.append(token, eos, lp, top[: seq.params.logprobs or 0] if top else None)
+            yield seq
+
+    def _output(self, req: _Request, t_start: float) -> Output:
+        best = req.seqs[0]
+        cands = None
+        if len(req.seqs) > 1:
+            cands = rank(req.prompt, req.seqs)
+            best = next(s for s in req.seqs if s.output_ids == cands[0].token_ids
+                        and s.temperature == cands[0].temperature)
+        t_first, rate = best.timing()
+        return Output(best.text, list(best.output_ids), best.finish_reason or "length", req.prompt_ids,
+                      t_first - t_start if t_first else 0.0, rate,
+                      best.logprobs if best.params.logprobs is not None else None, cands, best.error)
