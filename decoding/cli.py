@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -28,7 +29,18 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--n", type=int, default=1, help="candidates (per temperature); the best is printed")
+    gen.add_argument("--temperatures", type=float, nargs="+", default=None,
+                     help="multi-temperature sampling: n candidates at each, best one printed")
+    gen.add_argument("--rank-by", default="mean_logprob", choices=["mean_logprob", "sum_logprob"])
+    gen.add_argument("--logprobs", type=int, default=None, help="top-k log-probs per token (with --json)")
+    gen.add_argument("--no-cycle-cut", action="store_true", help="do not cut completions that start looping")
+    gen.add_argument("--cycle-min-repeats", type=int, default=None)
+    gen.add_argument("--cycle-max-period", type=int, default=None)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -43,12 +55,21 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> None:
     from decoding import Generator, SamplingParams
 
+    cycles = {}
+    if args.no_cycle_cut:
+        cycles["cycle_min_repeats"] = 0
+    elif args.cycle_min_repeats is not None:
+        cycles["cycle_min_repeats"] = args.cycle_min_repeats
+    if args.cycle_max_period is not None:
+        cycles["cycle_max_period"] = args.cycle_max_period
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, min_p=args.min_p, seed=args.seed, stop=tuple(args.stop),
-                            ignore_eos=args.ignore_eos)
+                            top_p=args.top_p, min_p=args.min_p, frequency_penalty=args.frequency_penalty,
+                            presence_penalty=args.presence_penalty, repetition_penalty=args.repetition_penalty,
+                            seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, n=args.n,
+                            temperatures=args.temperatures, rank_by=args.rank_by, logprobs=args.logprobs, **cycles)
     gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     prompts = [gen.render_chat(p) if args.chat else p for p in args.prompt]
-    if len(prompts) == 1 and not (args.no_stream or args.json):
+    if len(prompts) == 1 and params.num_candidates == 1 and not (args.no_stream or args.json):
         print(args.prompt[0] if not args.chat else "", end="", flush=True)
         for piece in gen.stream(prompts[0], params):
             print(piece, end="", flush=True)
@@ -57,12 +78,18 @@ def _generate(args: argparse.Namespace) -> None:
     outs = gen.generate(prompts, params)
     for prompt, out in zip(args.prompt, outs):
         if args.json:
-            print(json.dumps({"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
-                              "finish_reason": out.finish_reason, "time_to_first_token": out.time_to_first_token,
-                              "tokens_per_second": out.tokens_per_second}))
+            record = {"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
+                      "finish_reason": out.finish_reason, "time_to_first_token": out.time_to_first_token,
+                      "tokens_per_second": out.tokens_per_second, "error": out.error}
+            if out.logprobs is not None:
+                record["logprobs"] = [dataclasses.asdict(lp) for lp in out.logprobs]
+            if out.candidates is not None:
+                record["candidates"] = [dataclasses.asdict(c) for c in out.candidates]
+            print(json.dumps(record))
         else:
             print(f"{prompt}{out.text}" if not args.chat else out.text)
-            print(f"[{len(out.token_ids)} tokens, finish={out.finish_reason}, "
+            extra = f", best of {len(out.candidates)} candidates" if out.candidates else ""
+            print(f"[{len(out.token_ids)} tokens, finish={out.finish_reason}{extra}, "
                   f"ttft={out.time_to_first_token * 1e3:.0f} ms, {out.tokens_per_second:.1f} tok/s]", file=sys.stderr)
 
 

@@ -80,6 +80,7 @@ class SamplingState:
         self.steps = torch.zeros(len(params), dtype=torch.int64, device=self.device)
         self.all_greedy = all(greedy)
         self.use_filter = [(p.top_k > 0 or p.top_p < 1.0) and not g for p, g in zip(params, greedy)]
+        self.filter_rows = self._filter_rows()
         self.use_min_p = any(p.min_p > 0 and not g for p, g in zip(params, greedy))
         self.use_freq = any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params)
         self.use_rep = any(p.repetition_penalty != 1.0 for p in params)
@@ -103,6 +104,12 @@ class SamplingState:
             if value is not None:
                 setattr(self, name, value.index_select(0, idx))
         self.use_filter = [self.use_filter[r] for r in rows]
+        self.filter_rows = self._filter_rows()
+
+    def _filter_rows(self) -> torch.Tensor | None:
+        # Built when the batch changes, not every step: a tensor made from a host list is a blocking copy.
+        rows = [r for r, use in enumerate(self.use_filter) if use]
+        return torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True) if rows else None
 
     def record(self, tokens: torch.Tensor) -> None:
         """Account for the tokens just drawn (device ops only)."""
@@ -130,9 +137,8 @@ def apply_filters(x: torch.Tensor, state: SamplingState) -> torch.Tensor:
     """Tempered logits with tokens removed by top-k, top-p and min-p set to -inf."""
     temps = torch.where(state.temperature == 0, torch.ones_like(state.temperature), state.temperature)
     x = x / temps[:, None]
-    rows = [r for r, use in enumerate(state.use_filter) if use]
-    if rows:  # sort only the rows that need it: the sort is the costliest step of the sampler
-        idx = torch.tensor(rows, device=x.device)
+    idx = state.filter_rows
+    if idx is not None:  # sort only the rows that need it: the sort is the costliest step of the sampler
         sub = x.index_select(0, idx)
         sorted_x, order = sub.sort(dim=-1, descending=True)
         k = state.top_k.index_select(0, idx)

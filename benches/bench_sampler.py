@@ -1,0 +1,113 @@
+"""One sampler step vs one Llama-3-8B-shape bf16 decode step, batch 32, vocabulary 128256 (GPU).
+
+    python benches/bench_sampler.py                      # prints the table
+    pytest benches/bench_sampler.py                      # the same under pytest-benchmark
+
+Mixed per-request parameters, as a code-completion service sees them: 8 greedy rows, 8 penalised
+(frequency + presence + repetition), 8 top-p 0.9, 8 top-k 50 + min-p 0.05, all seeded, logprobs off.
+The decode step is measured two ways in the same run: (a) the floor, 8B weight bytes over the
+measured copy bandwidth; (b) the step's matmuls alone (cuBLAS, random bf16 weights, batch 32). The real
+step is slower than both, so the sampler's share of it is at most what is printed.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from copy_bandwidth import copy_bandwidth_gbps  # noqa: E402
+
+from decoding import SamplingParams  # noqa: E402
+from decoding.sampling.sampler import SamplingState, sample  # noqa: E402
+
+BATCH, VOCAB, HIDDEN, LAYERS = 32, 128256, 4096, 32
+# Llama-3-8B per-layer projections (out, in): qkv (GQA 32/8 heads of 128), o, gate_up, down; then the LM head.
+LAYER_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+
+
+def mixed_params() -> list[SamplingParams]:
+    kinds = [SamplingParams(temperature=0, seed=1),
+             SamplingParams(temperature=0.7, frequency_penalty=0.5, presence_penalty=0.3, repetition_penalty=1.1,
+                            seed=2),
+             SamplingParams(temperature=0.8, top_p=0.9, seed=3),
+             SamplingParams(temperature=1.0, top_k=50, min_p=0.05, seed=4)]
+    return [kinds[i // (BATCH // 4)] for i in range(BATCH)]
+
+
+def _time_ms(fn, iters: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def sampler_step_ms() -> float:
+    params = mixed_params()
+    prompts = [list(range(i, i + 128)) for i in range(BATCH)]
+    state = SamplingState(params, [p.temperature for p in params], [p.seed for p in params], prompts, VOCAB, "cuda")
+    logits = torch.randn(BATCH, VOCAB, device="cuda") * 3
+    return _time_ms(lambda: sample(logits, state), 50)
+
+
+def matmul_step_ms() -> float:
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    layers = [[torch.randn(o, i, device="cuda", dtype=torch.bfloat16) * 0.02 for o, i in LAYER_SHAPES]
+              for _ in range(LAYERS)]
+    head = torch.randn(VOCAB, HIDDEN, device="cuda", dtype=torch.bfloat16) * 0.02
+    gate_x = torch.randn(BATCH, 14336, device="cuda", dtype=torch.bfloat16)
+
+    def step() -> None:
+        for qkv, o, gate_up, down in layers:
+            torch.nn.functional.linear(x, qkv)
+            torch.nn.functional.linear(x, o)
+            torch.nn.functional.linear(x, gate_up)
+            torch.nn.functional.linear(gate_x, down)
+        torch.nn.functional.linear(x, head)
+
+    ms = _time_ms(step, 10)
+    del layers, head
+    torch.cuda.empty_cache()
+    return ms
+
+
+def weight_bytes() -> int:
+    per_layer = sum(o * i for o, i in LAYER_SHAPES)
+    return 2 * (LAYERS * per_layer + 2 * VOCAB * HIDDEN)  # bf16; embedding + untied LM head
+
+
+def report() -> dict:
+    copy_gbps = copy_bandwidth_gbps()
+    floor_ms = weight_bytes() / (copy_gbps * 1e9) * 1e3
+    sampler_ms = sampler_step_ms()
+    matmul_ms = matmul_step_ms()
+    return {"device": torch.cuda.get_device_name(), "copy_GBps": copy_gbps, "sampler_ms": sampler_ms,
+            "step_floor_ms": floor_ms, "step_matmuls_ms": matmul_ms,
+            "pct_of_floor": 100 * sampler_ms / floor_ms, "pct_of_matmuls": 100 * sampler_ms / matmul_ms}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sampler_step_share(benchmark):
+    result = benchmark.pedantic(report, rounds=1, iterations=1)
+    benchmark.extra_info.update(result)
+
+
+if __name__ == "__main__":
+    r = report()
+    print(f"{r['device']}: copy {r['copy_GBps']:.0f} GB/s; sampler step {r['sampler_ms'] * 1e3:.0f} us "
+          f"(batch {BATCH}, vocab {VOCAB}, mixed params)")
+    print(f"8B decode step: floor {r['step_floor_ms']:.2f} ms (weights / copy bw), matmuls alone "
+          f"{r['step_matmuls_ms']:.2f} ms")
+    print(f"sampler share: {r['pct_of_floor']:.1f}% of the floor, {r['pct_of_matmuls']:.1f}% of the matmuls "
+          f"(target < 5%)")
