@@ -51,4 +51,15 @@ inline void check_same(const at::Tensor& a, const at::Tensor& input, const char*
   TORCH_CHECK(a.sizes() == input.sizes(), name, " shape ", a.sizes(), " must match input shape ", input.sizes());
 }
 
+// Calls fn(T{}) with T the C++ type of `dtype` (fp32, bf16 or fp16; the checks reject the rest).
+template <typename Fn>
+void dispatch_float(at::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: return fn(float{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    case at::kHalf: return fn(c10::Half{});
+    default: TORCH_CHECK(false, "unsupported dtype ", dtype);
+  }
+}
+
 }  // namespace decoding

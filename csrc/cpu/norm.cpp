@@ -76,17 +76,6 @@ void fused_add_rms_norm_rows(T* in, int64_t in_stride, T* res, int64_t res_strid
   });
 }
 
-// Calls fn(T{}) with T the C++ type of `dtype` (fp32, bf16 or fp16; the checks reject the rest).
-template <typename Fn>
-void dispatch_float(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(float{});
-    case at::kBFloat16: return fn(c10::BFloat16{});
-    case at::kHalf: return fn(c10::Half{});
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype);
-  }
-}
-
 void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight, double epsilon) {
   check_norm_args(input, weight, c10::DeviceType::CPU);
   check_same(out, input, "out");

@@ -114,16 +114,6 @@ __global__ void fused_add_rms_norm_kernel(T* __restrict__ in, int64_t in_stride,
   }
 }
 
-template <typename Fn>
-void dispatch_float(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: return fn(float{});
-    case at::kBFloat16: return fn(c10::BFloat16{});
-    case at::kHalf: return fn(c10::Half{});
-    default: TORCH_CHECK(false, "unsupported dtype ", dtype);
-  }
-}
-
 bool aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
 
 // Threads per block: enough for one pack each up to kMaxThreads, in whole warps.
