@@ -41,6 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-cycle-cut", action="store_true", help="do not cut completions that start looping")
     gen.add_argument("--cycle-min-repeats", type=int, default=None)
     gen.add_argument("--cycle-max-period", type=int, default=None)
+    gen.add_argument("--cycle-min-span", type=int, default=None, help="fewest tokens a cut loop must cover")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -62,6 +63,8 @@ def _generate(args: argparse.Namespace) -> None:
         cycles["cycle_min_repeats"] = args.cycle_min_repeats
     if args.cycle_max_period is not None:
         cycles["cycle_max_period"] = args.cycle_max_period
+    if args.cycle_min_span is not None:
+        cycles["cycle_min_span_tokens"] = args.cycle_min_span
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, min_p=args.min_p, frequency_penalty=args.frequency_penalty,
                             presence_penalty=args.presence_penalty, repetition_penalty=args.repetition_penalty,

@@ -80,8 +80,9 @@ class Sequence:
         self.t_first = self.t_last = 0.0
         self.cycles = None
         if params.cycle_min_repeats:
-            self.cycles = CycleDetector(CycleConfig(min_repeats=params.cycle_min_repeats,
-                                                    max_period=params.cycle_max_period))
+            config = CycleConfig(min_repeats=params.cycle_min_repeats, max_period=params.cycle_max_period,
+                                 min_span_tokens=params.cycle_min_span_tokens)
+            self.cycles = CycleDetector(config, tokenizer.line_break_ids)
 
     @property
     def num_tokens(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,13 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)
+
+    @cached_property
+    def line_break_ids(self) -> frozenset[int]:
+        """Ids of tokens whose text holds a newline: cycle cuts end at a line break (computed once)."""
+        from decoding.sampling.cycles import line_break_ids
+
+        return line_break_ids(self.decode, self.vocab_size)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids

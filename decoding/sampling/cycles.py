@@ -6,8 +6,9 @@ token updates one counter per period: O(max_period) work, whatever the length of
 periods whose counter can grow are touched: the places where the pushed token occurred within the last
 max_period tokens (a per-token index of recent positions), plus the runs that this token ends.
 
-Defaults come from benches/cycles_corpus.py (report: benches/CYCLES.md): on 256-token windows of the Python
-standard library they never cut, and they catch verbatim loops of one line or a few lines within a few copies.
+Defaults come from benches/cycles_corpus.py (report: benches/CYCLES.md): they cut 0.07 % of 256-token windows
+of the Python standard library (all of them data that really is one block repeated) and 99.7 % of synthetic
+verbatim loops of one to five real lines, a median 65 tokens after the loop starts.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ class CycleConfig:
     """Copies of one block the tail must hold before the completion is cut (>= 2); 0 disables detection."""
     max_period: int = 64
     """Longest block, in tokens (>= 1); blocks longer than this are never detected."""
-    min_span_tokens: int = 40
+    min_span_tokens: int = 64
     """Fewest tokens the repeated tail must cover, all copies together (>= 0), so that short blocks need more
-    copies than min_repeats: 40 single `)` tokens or 14 copies of a 3-token `    pass` line. 0 disables."""
+    copies than min_repeats: 64 single `)` tokens, or 22 copies of a 3-token `    pass` line. 0 disables."""
 
     def __post_init__(self) -> None:
         for name in ("min_repeats", "max_period", "min_span_tokens"):
@@ -74,8 +75,7 @@ class CycleDetector:
         self._recent: dict[int, deque[int]] = {}  # token -> its positions among the last max_period tokens
         self._need = [0] + [config.run_needed(period) for period in range(1, config.max_period + 1)]
         self._cut: int | None = None
-        self.period: int | None = None
-        """The block length of the detected cycle, once push() has returned a cut."""
+        self.period: int | None = None  # the detected block's length in tokens, once push() returned a cut
 
     def __len__(self) -> int:
         return len(self._tokens)

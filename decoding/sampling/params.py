@@ -60,6 +60,9 @@ class _Fields:
     "cycle", the text keeps the first copy); 0 disables cycle detection."""
     cycle_max_period: int = 64
     """Longest repeated block, in tokens, that cycle detection looks for (>= 1)."""
+    cycle_min_span_tokens: int = 64
+    """Fewest tokens all copies of the block must cover together (>= 0), so short blocks need more copies:
+    ordinary code repeats short things (`)`, `    pass`) legitimately. 0 disables this guard."""
 
 
 class SamplingParams(_Fields):
@@ -159,6 +162,7 @@ def _validate(p: _Fields) -> None:
     if p.cycle_min_repeats == 1:
         raise InvalidRequest("cycle_min_repeats must be 0 (off) or >= 2, got 1")
     _check_int("cycle_max_period", p.cycle_max_period, 1)
+    _check_int("cycle_min_span_tokens", p.cycle_min_span_tokens, 0)
 
 
 def _check_int(name: str, value: object, low: int, high: int | None = None) -> None:
