@@ -27,6 +27,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "reshape_and_cache_": {"reference": reference.reshape_and_cache_ref},
     "paged_attention": {"reference": reference.paged_attention_ref},
     "silu_and_mul": {"reference": reference.silu_and_mul_ref},
+    "sample_tokens": {"reference": lambda logits, state: _sampler().sample_tokens_ref(logits, state)},
 }
 # Preference order per device type when no backend is forced.
 _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
@@ -94,10 +95,20 @@ def _register_extension() -> None:
 _EXTENSION_ERROR = _load_extension()
 if _EXTENSION_ERROR is None:
     _register_extension()
+def _sampler():
+    # Imported on use: decoding.sampling.sampler calls back into this module.
+    from decoding.sampling import sampler
+
+    return sampler
+
+
 _TRITON_NORM, _TRITON_ERROR = _load_triton()
 if _TRITON_NORM is not None:
+    from decoding.kernels import sampling as _triton_sampling
+
     _IMPLS["rms_norm"]["triton"] = _TRITON_NORM.rms_norm
     _IMPLS["fused_add_rms_norm_"]["triton"] = _TRITON_NORM.fused_add_rms_norm_
+    _IMPLS["sample_tokens"]["triton"] = _triton_sampling.sample_tokens
 
 
 def extension_error() -> str | None:
@@ -196,6 +207,12 @@ def paged_attention(
     return _call("paged_attention", q.device)(
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window
     )
+
+
+def sample_tokens(logits: torch.Tensor, state) -> torch.Tensor:
+    """One token per row of fp32 logits [B, V] under SamplingState `state`, recorded in it; [B] int64,
+    -1 for rows with NaN / +inf / all -inf logits (see decoding.sampling.sampler)."""
+    return _call("sample_tokens", logits.device)(logits, state)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

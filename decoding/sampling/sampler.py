@@ -156,8 +156,8 @@ def apply_filters(x: torch.Tensor, state: SamplingState) -> torch.Tensor:
     return x
 
 
-def sample(logits: torch.Tensor, state: SamplingState) -> SampleResult:
-    """Draw one token per row of logits [B, V] (fp32) and record it in `state`."""
+def sample_tokens_ref(logits: torch.Tensor, state: SamplingState) -> torch.Tensor:
+    """The reference sampler step: [B] int64 tokens (-1 for bad rows), recorded in `state`."""
     bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
     logits = torch.where(bad[:, None], torch.zeros_like(logits), logits)
     x = apply_penalties(logits, state)
@@ -166,11 +166,23 @@ def sample(logits: torch.Tensor, state: SamplingState) -> SampleResult:
         noisy = apply_filters(x, state) + gumbel_noise(row_keys(state.seeds, state.steps), x.shape[-1])
         tokens = torch.where(state.temperature == 0, tokens, noisy.argmax(dim=-1))
     tokens = torch.where(bad, torch.full_like(tokens, -1), tokens)
+    state.record(tokens)
+    return tokens
+
+
+def sample(logits: torch.Tensor, state: SamplingState) -> SampleResult:
+    """Draw one token per row of logits [B, V] (fp32) and record it in `state`.
+
+    The draw goes through decoding.ops (the fused Triton kernel on CUDA, else the reference above);
+    log-probs, when asked for, come from the unmodified logits.
+    """
+    from decoding import ops
+
+    tokens = ops.sample_tokens(logits, state)
     chosen = top_ids = top_lp = None
     if state.need_logprobs:
         logprobs = logits.log_softmax(-1)
         chosen = logprobs.gather(1, tokens.clamp(min=0)[:, None])[:, 0]
         if state.top_logprobs:
             top_lp, top_ids = logprobs.topk(state.top_logprobs, dim=-1)
-    state.record(tokens)
     return SampleResult(tokens, chosen, top_ids, top_lp)
