@@ -39,6 +39,7 @@ import json, sys
 for b in json.load(open(sys.argv[1]))["benchmarks"]:
     print(f"{b['name']:<55} {b['extra_info']['us_per_call']:8.2f} us  {b['extra_info']['GB/s']:8.1f} GB/s")
 PY
+python3 benches/bench_sampler.py 2>&1 | tee -a "$OUT/env.txt"
 # A wheel for the arches in TORCH_CUDA_ARCH_LIST: it must hold decoding/_C*.so with sm_90 code and decoding/kernels/.
 rm -rf /tmp/decoding_wheel
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
