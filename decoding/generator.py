@@ -11,7 +11,7 @@ import torch
 
 from decoding import ops
 from decoding.cache import AttentionMetadata, KVCache
-from decoding.errors import InvalidRequest
+from decoding.errors import DecodingError, InvalidRequest
 from decoding.models.llama import LlamaModel
 from decoding.sampling.candidates import rank
 from decoding.sampling.params import SamplingParams
@@ -126,8 +126,8 @@ class Generator:
                     yield delta
         finally:
             run.close()  # the caller may stop early: free the KV blocks now, not whenever GC runs
-        if seq.error is not None:
-            raise InvalidRequest(seq.error)
+        if seq.error is not None:  # the model failed (NaN logits): not the caller's request
+            raise DecodingError(seq.error)
 
     def chat(self, messages: str | list[dict[str, str]], params: SamplingParams | None = None) -> Output:
         """Answer a conversation ([{"role": "user", "content": ...}, ...], or one user message as a str)."""
