@@ -205,3 +205,16 @@ def test_stream_rejects_several_candidates(gen):
 
 def test_score_empty_completion(gen):
     assert gen.score("x", [""]) == [-math.inf]
+
+
+def test_stream_raises_on_model_failure(gen):
+    from decoding import DecodingError
+
+    compute = gen.model.compute_logits
+    gen.model.compute_logits = lambda hidden: compute(hidden).fill_(float("nan"))
+    try:
+        with pytest.raises(DecodingError, match="NaN or infinite logits at generated token 0"):
+            list(gen.stream("x", SamplingParams(max_tokens=4)))
+    finally:
+        del gen.model.compute_logits
+    assert _pool_whole(gen)
