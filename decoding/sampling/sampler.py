@@ -82,6 +82,9 @@ class SamplingState:
         self.use_filter = [(p.top_k > 0 or p.top_p < 1.0) and not g for p, g in zip(params, greedy)]
         self.filter_rows = self._filter_rows()
         self.use_min_p = any(p.min_p > 0 and not g for p, g in zip(params, greedy))
+        # Which filter passes a fused kernel must run at all (rows leaving the batch never add one).
+        self.any_top_k = any(0 < p.top_k < vocab_size and not g for p, g in zip(params, greedy))
+        self.any_top_p = any(p.top_p < 1.0 and not g for p, g in zip(params, greedy))
         self.use_freq = any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params)
         self.use_rep = any(p.repetition_penalty != 1.0 for p in params)
         self.top_logprobs = max((p.logprobs or 0 for p in params), default=0)

@@ -37,21 +37,33 @@ def _states(vocab: int, rows: list[SamplingParams]):
     return state, copy.deepcopy(state)
 
 
+IMPLS = ["sample_tokens", "sample_tokens_split"]
+# The interpreter runs programs one by one: on CPU split rows into 4 slices, on the GPU use the default.
+SPLIT = {} if DEVICE == "cuda" else {"nparts": 4}
+
+
+def _impl(name):
+    fn = getattr(sampling, name)
+    return (lambda logits, state: fn(logits, state, **SPLIT)) if name.endswith("split") else fn
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("vocab", [300, 2500] if DEVICE == "cpu" else [300, 2500, 32000, 128256])
-def test_fused_sampler_matches_reference(vocab):
+def test_fused_sampler_matches_reference(vocab, impl):
     torch.manual_seed(vocab)
     rows = PARAMS * 2
     ref_state, ker_state = _states(vocab, rows)
     for step in range(4):
         logits = torch.randn(len(rows), vocab, device=DEVICE) * 4
         want = _ref_tokens(logits.clone(), ref_state)
-        got = sampling.sample_tokens(logits.clone(), ker_state)
+        got = _impl(impl)(logits.clone(), ker_state)
         assert got.tolist() == want.tolist(), f"step {step}"
     for name in ("counts", "seen", "steps"):
         assert torch.equal(getattr(ker_state, name), getattr(ref_state, name)), name
 
 
-def test_fused_sampler_flags_bad_rows():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fused_sampler_flags_bad_rows(impl):
     vocab = 300
     rows = [SamplingParams(temperature=0.9)] * 4
     _, state = _states(vocab, rows)
@@ -59,4 +71,16 @@ def test_fused_sampler_flags_bad_rows():
     logits[1, 5] = float("nan")
     logits[2, 9] = float("inf")
     logits[3] = float("-inf")
-    assert sampling.sample_tokens(logits, state).tolist()[1:] == [-1, -1, -1]
+    assert _impl(impl)(logits, state).tolist()[1:] == [-1, -1, -1]
+
+
+@pytest.mark.parametrize("rows", [[SamplingParams(temperature=0)] * 3, [SamplingParams(temperature=0.9, top_k=5)] * 2,
+                                  [SamplingParams(temperature=0.9, top_p=0.5)] * 2], ids=["greedy", "top_k", "top_p"])
+def test_split_sampler_skips_unused_passes_correctly(rows):
+    """Batches where some passes are skipped altogether (no top-k row, no top-p row, all greedy)."""
+    torch.manual_seed(1)
+    ref_state, ker_state = _states(2500, rows)
+    for _ in range(3):
+        logits = torch.randn(len(rows), 2500, device=DEVICE) * 4
+        assert _impl("sample_tokens_split")(logits.clone(), ker_state).tolist() == \
+            _ref_tokens(logits.clone(), ref_state).tolist()
