@@ -86,6 +86,28 @@ def weight_bytes() -> int:
     return 2 * (LAYERS * per_layer + 2 * VOCAB * HIDDEN)  # bf16; embedding + untied LM head
 
 
+def implementations_ms() -> dict[str, float]:
+    """Each registered implementation of ops.sample_tokens, timed through the same `sample` call."""
+    from decoding import ops
+    impls = dict(ops._IMPLS["sample_tokens"])
+    try:
+        from decoding.kernels import sampling as kernels
+
+        impls["triton_rowwise"] = kernels.sample_tokens
+        impls["triton_split"] = kernels.sample_tokens_split
+    except ImportError:
+        pass
+    times = {}
+    for name, fn in impls.items():
+        saved = ops._IMPLS["sample_tokens"]
+        ops._IMPLS["sample_tokens"] = {"reference": fn}
+        try:
+            times[name] = sampler_step_ms()
+        finally:
+            ops._IMPLS["sample_tokens"] = saved
+    return times
+
+
 def report() -> dict:
     copy_gbps = copy_bandwidth_gbps()
     floor_ms = weight_bytes() / (copy_gbps * 1e9) * 1e3
@@ -93,7 +115,8 @@ def report() -> dict:
     matmul_ms = matmul_step_ms()
     return {"device": torch.cuda.get_device_name(), "copy_GBps": copy_gbps, "sampler_ms": sampler_ms,
             "step_floor_ms": floor_ms, "step_matmuls_ms": matmul_ms,
-            "pct_of_floor": 100 * sampler_ms / floor_ms, "pct_of_matmuls": 100 * sampler_ms / matmul_ms}
+            "pct_of_floor": 100 * sampler_ms / floor_ms, "pct_of_matmuls": 100 * sampler_ms / matmul_ms,
+            "implementations_ms": implementations_ms()}
 
 
 @pytest.mark.gpu
@@ -111,3 +134,5 @@ if __name__ == "__main__":
           f"{r['step_matmuls_ms']:.2f} ms")
     print(f"sampler share: {r['pct_of_floor']:.1f}% of the floor, {r['pct_of_matmuls']:.1f}% of the matmuls "
           f"(target < 5%)")
+    for name, ms in r["implementations_ms"].items():
+        print(f"  {name:<16} {ms * 1e3:8.0f} us = {100 * ms / r['step_floor_ms']:5.1f}% of the floor")
