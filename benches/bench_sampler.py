@@ -95,6 +95,7 @@ def implementations_ms() -> dict[str, float]:
 
         impls["triton_rowwise"] = kernels.sample_tokens
         impls["triton_split"] = kernels.sample_tokens_split
+        impls["triton_graphed"] = kernels.sample_tokens_graphed
     except ImportError:
         pass
     times = {}

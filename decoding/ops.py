@@ -108,7 +108,7 @@ if _TRITON_NORM is not None:
 
     _IMPLS["rms_norm"]["triton"] = _TRITON_NORM.rms_norm
     _IMPLS["fused_add_rms_norm_"]["triton"] = _TRITON_NORM.fused_add_rms_norm_
-    _IMPLS["sample_tokens"]["triton"] = _triton_sampling.sample_tokens
+    _IMPLS["sample_tokens"]["triton"] = _triton_sampling.sample_tokens_graphed
 
 
 def extension_error() -> str | None:

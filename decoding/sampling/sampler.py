@@ -78,6 +78,7 @@ class SamplingState:
         # Rows without a seed get a fresh random one: every row then takes the same code path.
         self.seeds = t([s if s is not None else random.getrandbits(62) for s in seeds], torch.int64)
         self.steps = torch.zeros(len(params), dtype=torch.int64, device=self.device)
+        self.fused_graph = None  # set by a fused GPU sampler that replays its launches from a CUDA graph
         self.all_greedy = all(greedy)
         self.use_filter = [(p.top_k > 0 or p.top_p < 1.0) and not g for p, g in zip(params, greedy)]
         self.filter_rows = self._filter_rows()
@@ -108,6 +109,7 @@ class SamplingState:
                 setattr(self, name, value.index_select(0, idx))
         self.use_filter = [self.use_filter[r] for r in rows]
         self.filter_rows = self._filter_rows()
+        self.fused_graph = None  # captured over the old tensors: a fused sampler must capture again
 
     def _filter_rows(self) -> torch.Tensor | None:
         # Built when the batch changes, not every step: a tensor made from a host list is a blocking copy.
