@@ -93,7 +93,6 @@ def implementations_ms() -> dict[str, float]:
     try:
         from decoding.kernels import sampling as kernels
 
-        impls["triton_rowwise"] = kernels.sample_tokens
         impls["triton_split"] = kernels.sample_tokens_split
         impls["triton_graphed"] = kernels.sample_tokens_graphed
     except ImportError:

@@ -37,7 +37,7 @@ def _states(vocab: int, rows: list[SamplingParams]):
     return state, copy.deepcopy(state)
 
 
-IMPLS = ["sample_tokens", "sample_tokens_split"] + (["sample_tokens_graphed"] if DEVICE == "cuda" else [])
+IMPLS = ["sample_tokens_split"] + (["sample_tokens_graphed"] if DEVICE == "cuda" else [])
 # The interpreter runs programs one by one: on CPU split rows into 4 slices, on the GPU use the default.
 SPLIT = {} if DEVICE == "cuda" else {"nparts": 4}
 
