@@ -4,28 +4,18 @@
 
 One 2 GiB device-to-device copy at a time, host-synchronised, bytes read + written, median of 10
 (shared/DESIGN.md: copies replayed back to back in a CUDA graph read ~20% lower and would flatter us).
+The measurement itself lives in decoding.bench, which `python -m decoding bench` also uses.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-
 import torch
+
+from decoding.bench import copy_bandwidth_gbps as _measure
 
 
 def copy_bandwidth_gbps(nbytes: int = 2 << 30, repeats: int = 10) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    dst.copy_(src)  # warm-up
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times) / 1e9
+    return _measure("cuda", nbytes, repeats)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,17 @@ def _parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="show the model, device and active op backends")
     _add_model_args(info)
+
+    bench = sub.add_parser("bench", help="decode speed of a model shape with random weights vs the roofline")
+    bench.add_argument("--shape", default="llama-3.2-1b", help="llama-3-8b | llama-3.2-1b | smollm2-135m | tiny")
+    bench.add_argument("--random-weights", action="store_true", help="(the only mode: no download is needed)")
+    bench.add_argument("--batch", type=int, default=1)
+    bench.add_argument("--prompt", type=int, default=128, help="prompt tokens per sequence")
+    bench.add_argument("--new", type=int, default=256, help="tokens to generate per sequence")
+    bench.add_argument("--device", default=None)
+    bench.add_argument("--dtype", default="auto")
+    bench.add_argument("--json", default=None, help="also write the result as JSON to this file")
+    bench.add_argument("--profile", default=None, help="write a torch.profiler trace of the decode steps here")
     return parser
 
 
@@ -110,7 +121,12 @@ def _info(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"generate": _generate, "info": _info}[args.command](args)
+        if args.command == "bench":
+            from decoding import bench
+
+            bench.main(args)
+        else:
+            {"generate": _generate, "info": _info}[args.command](args)
     except DecodingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,41 @@
+"""`python -m decoding bench` on CPU with a tiny random shape: fields, arithmetic, JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from decoding import bench
+
+
+def test_run_reports_consistent_figures():
+    r = bench.run("tiny", batch=2, prompt=16, new=6, device="cpu", progress=False)
+    assert (r.shape, r.batch, r.prompt, r.new, r.device, r.dtype) == ("tiny", 2, 16, 6, "cpu", "float32")
+    assert r.ms_per_step > 0 and r.copy_GBps > 0 and r.ttft_ms > 0
+    assert r.tok_s == pytest.approx(2 / (r.ms_per_step / 1e3), rel=1e-6)
+    expected_pct = 100 * r.weight_bytes / (r.ms_per_step / 1e3) / (r.copy_GBps * 1e9)
+    assert r.pct_of_copy_bw == pytest.approx(expected_pct, rel=1e-6)
+
+
+def test_weight_bytes_count_the_lm_head_but_not_an_untied_embedding():
+    untied = bench.random_generator(bench.preset_config("tiny"), "cpu", __import__("torch").float32).model
+    params = sum(p.numel() for p in untied.parameters())
+    assert bench.weight_bytes_per_step(untied) == 4 * (params - untied.embed_tokens.weight.numel())
+
+
+def test_cli_json(tmp_path, capsys):
+    from decoding.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--shape", "tiny", "--random-weights", "--batch", "1", "--prompt", "8", "--new", "4",
+                 "--device", "cpu", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data) >= {"tok_s", "ms_per_step", "weight_bytes", "copy_GBps", "pct_of_copy_bw", "shape", "batch",
+                         "device"}
+    assert "% of the" in capsys.readouterr().out
+
+
+def test_unknown_shape():
+    with pytest.raises(ValueError, match="unknown shape 'llama-99b'"):
+        bench.preset_config("llama-99b")
