@@ -1,0 +1,63 @@
+"""Triton paged decode attention against decoding.reference.paged_attention_ref.
+
+Tolerances: fp32 1e-5 (the same fp32 arithmetic in a different order); bf16/fp16 two ulps of the output
+(rtol 1.6e-2): both round one fp32 result to the 16-bit type, after sums taken in different orders.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from decoding.reference import paged_attention_ref
+
+attention = pytest.importorskip("decoding.kernels.attention", reason="needs triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.6e-2, torch.float16: 1.6e-2}
+# (num_heads, num_kv_heads, head_dim, seq_lens, window)
+CASES = [
+    (4, 4, 32, [1, 17, 40], None),  # MHA, a one-token context, lengths not a multiple of the block
+    (6, 2, 64, [5, 33], None),  # GQA groups of 3 (padded to 4 in the kernel)
+    (8, 1, 32, [70], 24),  # MQA with a sliding window shorter than the context
+] + ([(32, 8, 128, [1, 129, 1000, 4099], None), (9, 3, 64, [77] * 33, None)] if DEVICE == "cuda" else [])
+DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if DEVICE == "cuda" else [])
+BLOCK = 16
+
+
+def _setup(num_heads, num_kv_heads, head_dim, seq_lens, dtype):
+    torch.manual_seed(sum(seq_lens) + head_dim)
+    need = [-(-n // BLOCK) for n in seq_lens]
+    num_blocks = sum(need) + 3
+    perm = torch.randperm(num_blocks).tolist()  # blocks of a sequence are scattered over the pool
+    tables, at = [], 0
+    for n in need:
+        tables.append(perm[at:at + n] + [0] * (max(need) - n))
+        at += n
+    k = torch.randn(num_blocks, BLOCK, num_kv_heads, head_dim, device=DEVICE).to(dtype)
+    v = torch.randn_like(k)
+    # q as the model makes it: a strided view into a fused qkv row
+    qkv = torch.randn(len(seq_lens), (num_heads + 2 * num_kv_heads) * head_dim, device=DEVICE).to(dtype)
+    q = qkv[:, : num_heads * head_dim].view(len(seq_lens), num_heads, head_dim)
+    return (q, k, v, torch.tensor(tables, dtype=torch.int32, device=DEVICE),
+            torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"h{c[0]}kv{c[1]}d{c[2]}n{max(c[3])}w{c[4]}")
+def test_decode_matches_reference(case, dtype):
+    num_heads, num_kv_heads, head_dim, seq_lens, window = case
+    q, k, v, tables, lens = _setup(num_heads, num_kv_heads, head_dim, seq_lens, dtype)
+    starts = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE)
+    scale = head_dim ** -0.5
+    want = paged_attention_ref(q, k, v, tables, lens, starts, scale, window)
+    got = attention.paged_attention(q, k, v, tables, lens, starts, scale, window)
+    torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_prefill_goes_to_the_reference():
+    q, k, v, tables, lens = _setup(4, 2, 32, [9, 5], torch.float32)
+    q = torch.randn(14, 4, 32, device=DEVICE)  # 9 + 5 new tokens: a prefill
+    starts = torch.tensor([0, 9, 14], dtype=torch.int32, device=DEVICE)
+    want = paged_attention_ref(q, k, v, tables, lens, starts, 0.2, None)
+    torch.testing.assert_close(attention.paged_attention(q, k, v, tables, lens, starts, 0.2, None), want)
