@@ -33,7 +33,7 @@ def test_forcing_selects_backend(monkeypatch, backend):
     assert ops.select("rms_norm", "cpu") == backend
     assert ops.active_backends("cpu")["fused_add_rms_norm_"] == backend
     # Ops without that backend keep their default.
-    assert ops.select("paged_attention", "cpu") == "reference"
+    assert ops.select("silu_and_mul", "cpu") == "reference"
     x, w = torch.randn(3, 64), torch.randn(64)
     torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), ops.reference.rms_norm_ref(x, w, 1e-6))
 
