@@ -15,6 +15,11 @@ from decoding.config import ModelConfig
 from decoding.errors import CacheExhausted
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks needed to hold `num_tokens` tokens."""
+    return -(-num_tokens // block_size)
+
+
 class BlockPool:
     """Free list + refcounts over block ids 0..num_blocks-1. Host-side bookkeeping only."""
 
@@ -66,13 +71,6 @@ class KVCache:
     @property
     def num_blocks(self) -> int:
         return self.pool.num_blocks
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    @staticmethod
-    def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-        return 2 * config.num_hidden_layers * config.kv_size * torch.finfo(dtype).bits // 8
 
 
 @dataclass

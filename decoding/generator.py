@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from decoding import ops
-from decoding.cache import AttentionMetadata, KVCache
+from decoding.cache import AttentionMetadata, KVCache, blocks_for
 from decoding.errors import DecodingError, InvalidRequest
 from decoding.models.llama import LlamaModel
 from decoding.sampling.candidates import rank
@@ -185,7 +185,7 @@ class Generator:
 
     # ----------------------------------------------------------------------------- internals
     def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+        return blocks_for(num_tokens, self.block_size)
 
     def _make_requests(self, prompts: list[str], params: SamplingParams | None) -> list[_Request]:
         """Tokenize and validate every prompt before any work starts."""
@@ -216,12 +216,12 @@ class Generator:
         return requests
 
     def _ensure_cache(self, need: int) -> KVCache:
+        """A pool with `need` free blocks: the current one, or a bigger one when the current is idle."""
         if self._cache is None or self._cache.pool.num_free < need:
-            total = need + (self._cache.num_blocks - self._cache.pool.num_free if self._cache else 0)
             if self._cache is not None and self._cache.pool.num_free != self._cache.num_blocks:
                 raise InvalidRequest("the KV cache is in use by another call on this Generator")
             self._cache = None  # free the old pool before taking a bigger one
-            self._cache = KVCache(self.config, total, self.block_size, self.device, self.dtype)
+            self._cache = KVCache(self.config, need, self.block_size, self.device, self.dtype)
         return self._cache
 
     def _fork(self, cache: KVCache, req: _Request, prompt_blocks: list[int]) -> None:

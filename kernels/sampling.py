@@ -14,6 +14,8 @@ After the draw the program records the token (counts, seen, step) as SamplingSta
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import triton
 import triton.language as tl
@@ -307,8 +309,6 @@ def sample_tokens_graphed(logits: torch.Tensor, state) -> torch.Tensor:
         state.fused_graph = None  # a CUDAGraph cannot be deep-copied below
         static_in = logits.clone()
         # Compile the kernels outside the capture: replay a throwaway copy of the state, since a step mutates it.
-        import copy
-
         sample_tokens_split(static_in, copy.deepcopy(state))
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from decoding import ops
 from decoding.sampling.params import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -86,15 +87,14 @@ class SamplingState:
         # Which filter passes a fused kernel must run at all (rows leaving the batch never add one).
         self.any_top_k = any(0 < p.top_k < vocab_size and not g for p, g in zip(params, greedy))
         self.any_top_p = any(p.top_p < 1.0 and not g for p, g in zip(params, greedy))
-        self.use_freq = any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params)
-        self.use_rep = any(p.repetition_penalty != 1.0 for p in params)
         self.top_logprobs = max((p.logprobs or 0 for p in params), default=0)
         self.need_logprobs = need_logprobs or any(p.logprobs is not None for p in params)
         rows = len(params)
         # counts: how often each token was generated (frequency/presence); seen: in prompt or output (repetition).
-        self.counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=self.device) if self.use_freq else None
+        use_freq = any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params)
+        self.counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=self.device) if use_freq else None
         self.seen = None
-        if self.use_rep:
+        if any(p.repetition_penalty != 1.0 for p in params):
             self.seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=self.device)
             for r, ids in enumerate(prompts):
                 self.seen[r, t(ids, torch.int64)] = True
@@ -181,8 +181,6 @@ def sample(logits: torch.Tensor, state: SamplingState) -> SampleResult:
     The draw goes through decoding.ops (the fused Triton kernel on CUDA, else the reference above);
     log-probs, when asked for, come from the unmodified logits.
     """
-    from decoding import ops
-
     tokens = ops.sample_tokens(logits, state)
     chosen = top_ids = top_lp = None
     if state.need_logprobs:
