@@ -112,9 +112,7 @@ def _info(args: argparse.Namespace) -> None:
 
     gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     info = gen.info()
-    describe = getattr(ops, "describe", None)
-    if describe is not None:
-        info["ops"] = describe()
+    info["ops"] = ops.describe()
     print(json.dumps(info, indent=2, default=str))
 
 
