@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 from decoding import ops
-from decoding.cache import AttentionMetadata, KVCache, blocks_for
+from decoding.cache import KVCache
 from decoding.errors import DecodingError, InvalidRequest
 from decoding.models.llama import LlamaModel
+from decoding.runner import ModelRunner, StepInput
 from decoding.sampling.candidates import rank
 from decoding.sampling.params import SamplingParams
 from decoding.sampling.sampler import SamplingState, sample
@@ -70,7 +71,7 @@ class Generator:
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
         self.block_size = block_size
-        self._cache: KVCache | None = None
+        self.runner = ModelRunner(model, block_size)
         self.model_path: str = "<in memory>"
 
     @classmethod
@@ -147,14 +148,11 @@ class Generator:
         prompt_ids = self.tokenizer.encode(prompt)
         comp_ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in completions]
         seqs = [prompt_ids + ids for ids in comp_ids]
-        cache = self._ensure_cache(sum(self._blocks_for(len(s)) for s in seqs))
+        cache = self.runner.ensure_cache(sum(self._blocks_for(len(s)) for s in seqs))
         tables = [cache.pool.allocate(self._blocks_for(len(s))) for s in seqs]
         try:
-            meta = AttentionMetadata.build(tables, [len(s) for s in seqs], [len(s) for s in seqs],
-                                           self.block_size, self.device)
-            ids = torch.tensor([t for s in seqs for t in s], device=self.device)
-            pos = torch.tensor([p for s in seqs for p in range(len(s))], device=self.device)
-            hidden = self.model(ids, pos, (cache.k, cache.v), meta)
+            lens = [len(s) for s in seqs]
+            hidden = self.runner.forward_hidden(StepInput(tables, lens, [t for s in seqs for t in s], lens))
         finally:
             for table in tables:
                 cache.pool.free(table)
@@ -185,7 +183,7 @@ class Generator:
 
     # ----------------------------------------------------------------------------- internals
     def _blocks_for(self, num_tokens: int) -> int:
-        return blocks_for(num_tokens, self.block_size)
+        return self.runner.blocks_for(num_tokens)
 
     def _make_requests(self, prompts: list[str], params: SamplingParams | None) -> list[_Request]:
         """Tokenize and validate every prompt before any work starts."""
@@ -215,15 +213,6 @@ class Generator:
             requests.append(_Request(prompt, ids, seqs))
         return requests
 
-    def _ensure_cache(self, need: int) -> KVCache:
-        """A pool with `need` free blocks: the current one, or a bigger one when the current is idle."""
-        if self._cache is None or self._cache.pool.num_free < need:
-            if self._cache is not None and self._cache.pool.num_free != self._cache.num_blocks:
-                raise InvalidRequest("the KV cache is in use by another call on this Generator")
-            self._cache = None  # free the old pool before taking a bigger one
-            self._cache = KVCache(self.config, need, self.block_size, self.device, self.dtype)
-        return self._cache
-
     def _fork(self, cache: KVCache, req: _Request, prompt_blocks: list[int]) -> None:
         """Give each candidate the prompt's KV: full blocks shared, the partial last block copied."""
         n_prompt, full = len(req.prompt_ids), len(req.prompt_ids) // self.block_size
@@ -236,25 +225,13 @@ class Generator:
                     layer_cache[own[0]].copy_(layer_cache[prompt_blocks[full]])
         cache.pool.free(prompt_blocks)
 
-    @torch.inference_mode()
-    def _forward(self, cache: KVCache, tables: list[list[int]], seq_lens: list[int], input_ids: list[int],
-                 query_lens: list[int]) -> torch.Tensor:
-        """One model step over the new tokens; returns last-token logits [len(tables), vocab] (fp32)."""
-        positions = [p for n, q in zip(seq_lens, query_lens) for p in range(n - q, n)]
-        meta = AttentionMetadata.build(tables, seq_lens, query_lens, self.block_size, self.device)
-        ids = torch.tensor(input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
-        pos = torch.tensor(positions, dtype=torch.int64).to(self.device, non_blocking=True)
-        hidden = self.model(ids, pos, (cache.k, cache.v), meta)
-        last = torch.tensor(query_lens).cumsum(0).sub(1).to(self.device)
-        return self.model.compute_logits(hidden[last])
-
     def _run(self, requests: list[_Request]) -> Iterator[Sequence]:
         """Prefill every prompt once, fork its candidates, then decode all unfinished sequences together;
         yields each sequence every time it gets a token. Blocks go back to the pool as sequences finish."""
         seqs = [s for r in requests for s in r.seqs]
         need = sum(self._blocks_for(len(r.prompt_ids)) + sum(self._blocks_for(len(r.prompt_ids) + s.budget)
                                                              for s in r.seqs) for r in requests)
-        cache = self._ensure_cache(need)
+        cache = self.runner.ensure_cache(need)
         eos = self.tokenizer.eos_token_ids
         rows = [i for i, r in enumerate(requests) for _ in r.seqs]  # candidate -> its request
         prompt_tables = [cache.pool.allocate(self._blocks_for(len(r.prompt_ids))) for r in requests]
@@ -262,8 +239,9 @@ class Generator:
                               [s.prompt_ids for s in seqs], self.config.vocab_size, self.device,
                               need_logprobs=any(len(r.seqs) > 1 for r in requests))
         try:
-            logits = self._forward(cache, prompt_tables, [len(r.prompt_ids) for r in requests],
-                                   [t for r in requests for t in r.prompt_ids], [len(r.prompt_ids) for r in requests])
+            prompt_lens = [len(r.prompt_ids) for r in requests]
+            logits = self.runner.step(StepInput(prompt_tables, prompt_lens,
+                                                [t for r in requests for t in r.prompt_ids], prompt_lens))
             for req, table in zip(requests, prompt_tables):
                 self._fork(cache, req, table)
             prompt_tables = []
@@ -281,8 +259,8 @@ class Generator:
                 running = [running[k] for k in keep]
                 if running:
                     active = [seqs[i] for i in running]
-                    logits = self._forward(cache, [s.blocks for s in active], [s.num_tokens for s in active],
-                                           [s.output_ids[-1] for s in active], [1] * len(active))
+                    logits = self.runner.step(StepInput([s.blocks for s in active], [s.num_tokens for s in active],
+                                                        [s.output_ids[-1] for s in active], [1] * len(active)))
         finally:
             for table in prompt_tables:
                 cache.pool.free(table)

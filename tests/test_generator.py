@@ -16,7 +16,7 @@ def gen(tmp_path_factory):
 
 
 def _pool_whole(gen: Generator) -> bool:
-    return gen._cache is None or gen._cache.pool.num_free == gen._cache.num_blocks
+    return gen.runner.cache is None or gen.runner.cache.pool.num_free == gen.runner.cache.num_blocks
 
 
 def test_output_fields(gen):

@@ -61,4 +61,4 @@ def test_generator_greedy_and_batched_match_hf(checkpoint):
         alone = gen.generate(prompt, params)
         assert out.token_ids == alone.token_ids, f"{variant}: batched differs from alone for {prompt!r}"
         assert out.token_ids == _hf_greedy(hf, gen.tokenizer.encode(prompt), 32), f"{variant}: differs from HF"
-    assert gen._cache.pool.num_free == gen._cache.num_blocks
+    assert gen.runner.cache.pool.num_free == gen.runner.cache.num_blocks

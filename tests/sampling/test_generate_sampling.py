@@ -28,7 +28,7 @@ def judge_gen(tmp_path_factory):
 
 
 def _pool_whole(gen):
-    return gen._cache.pool.num_free == gen._cache.num_blocks
+    return gen.runner.cache.pool.num_free == gen.runner.cache.num_blocks
 
 
 def _manual_penalised_greedy(gen, prompt, steps, freq=0.0, pres=0.0, rep=1.0):
@@ -93,19 +93,19 @@ def _mean_logprob(gen, prompt, token_ids):
 @pytest.mark.parametrize("prompt", ["x" * 16, "abc"])  # a prompt filling whole blocks, and a partial block
 def test_multi_temperature_candidates(gen, prompt):
     calls = []
-    forward = gen._forward
+    step = gen.runner.step
 
-    def counting_forward(cache, tables, seq_lens, input_ids, query_lens):
-        calls.append(query_lens)
-        return forward(cache, tables, seq_lens, input_ids, query_lens)
+    def counting_step(inp):
+        calls.append(inp.query_lens)
+        return step(inp)
 
-    gen._forward = counting_forward
+    gen.runner.step = counting_step
     try:
         params = SamplingParams(temperatures=[0.0, 0.7, 1.5], n=2, max_tokens=10, seed=3, ignore_eos=True,
                                 cycle_min_repeats=0)
         out = gen.generate(prompt, params)
     finally:
-        del gen._forward
+        del gen.runner.step
     assert calls[0] == [len(gen.tokenizer.encode(prompt))], "the prompt must be prefilled once"
     assert len(out.candidates) == 6
     assert sorted(c.temperature for c in out.candidates) == [0.0, 0.0, 0.7, 0.7, 1.5, 1.5]
