@@ -11,6 +11,13 @@ TORCH_LIBRARY(decoding, m) {
   m.def("rms_norm(Tensor! out, Tensor input, Tensor weight, float epsilon) -> ()");
   // In place: residual <- input + residual (rounded to dtype); input <- rms_norm(residual) * weight.
   m.def("fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float epsilon) -> ()");
+  // out [M, N] <- x [M, K] @ weight[N, K]^T (+ bias), M <= 8: the decode-time GEMV (CUDA only).
+  m.def("gemv(Tensor! out, Tensor x, Tensor weight, Tensor? bias) -> ()");
+  // out [M, I] <- silu(x @ gate^T) * (x @ up^T) with weight = gate | up, [2I, K], M <= 8 (CUDA only).
+  m.def("gemv_silu_mul(Tensor! out, Tensor x, Tensor weight) -> ()");
+  // In place RoPE on q and k, then k and v written to the paged caches at slot_mapping (CUDA only).
+  m.def("rope_and_cache(Tensor positions, Tensor! q, Tensor! k, Tensor v, Tensor cos_sin_cache, "
+        "Tensor! k_cache, Tensor! v_cache, Tensor slot_mapping) -> ()");
 }
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

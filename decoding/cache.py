@@ -81,12 +81,14 @@ class AttentionMetadata:
     block_tables: [num_seqs, max_blocks] int32, padded with 0.
     seq_lens: [num_seqs] int32, context length including the new tokens.
     query_start_loc: [num_seqs + 1] int32, offsets of each sequence's new tokens in the batch.
+    max_seq_len: a host-side bound on seq_lens (kernels size their launch by it without a sync).
     """
 
     slot_mapping: torch.Tensor
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
     query_start_loc: torch.Tensor
+    max_seq_len: int | None = None
 
     @classmethod
     def build(cls, block_tables: list[list[int]], seq_lens: list[int], query_lens: list[int],
@@ -106,4 +108,4 @@ class AttentionMetadata:
             return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
 
         return cls(as_tensor(slots, torch.int64), as_tensor(padded, torch.int32),
-                   as_tensor(seq_lens, torch.int32), as_tensor(starts, torch.int32))
+                   as_tensor(seq_lens, torch.int32), as_tensor(starts, torch.int32), max(seq_lens))

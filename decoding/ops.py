@@ -27,6 +27,11 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "reshape_and_cache_": {"reference": reference.reshape_and_cache_ref},
     "paged_attention": {"reference": reference.paged_attention_ref},
     "silu_and_mul": {"reference": reference.silu_and_mul_ref},
+    "rope_and_cache_": {"reference": reference.rope_and_cache_ref},
+    # The linear layers' reference is torch's own F.linear (cuBLAS on GPU); reference.linear_ref is the
+    # fp32 yardstick the kernel tests compare with.
+    "linear": {"reference": torch.nn.functional.linear},
+    "linear_silu_mul": {"reference": lambda x, w: reference.silu_and_mul_ref(torch.nn.functional.linear(x, w))},
     "sample_tokens": {"reference": lambda logits, state: _sampler().sample_tokens_ref(logits, state)},
 }
 # Preference order per device type when no backend is forced.
@@ -59,7 +64,10 @@ def _load_triton() -> tuple[object | None, str | None]:
 
 
 def _has_kernel(op: str, dispatch_key: str) -> bool:
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"decoding::{op}", dispatch_key)
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"decoding::{op}", dispatch_key)
+    except RuntimeError:  # the schema is missing: an extension built from older sources
+        return False
 
 
 def _ext_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -74,12 +82,46 @@ def _ext_fused_add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: to
     torch.ops.decoding.fused_add_rms_norm(x, residual, weight, eps)
 
 
+GEMV_MAX_ROWS = 8  # decoding::gemv takes up to this many rows of activations; more go to cuBLAS
+
+
+def _gemv_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether decoding::gemv takes these operands (else the caller uses F.linear)."""
+    return (x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+            and weight.dtype == x.dtype and x.shape[1] % 8 == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0
+            and weight.is_contiguous() and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
+
+
+def _ext_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if not _gemv_ok(x, weight):
+        return torch.nn.functional.linear(x, weight, bias)
+    out = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    torch.ops.decoding.gemv(out, x, weight, bias)
+    return out
+
+
+def _ext_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    if not _gemv_ok(x, weight):
+        return silu_and_mul(torch.nn.functional.linear(x, weight))
+    out = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=x.dtype, device=x.device)
+    torch.ops.decoding.gemv_silu_mul(out, x, weight)
+    return out
+
+
+def _ext_rope_and_cache_(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping) -> None:
+    torch.ops.decoding.rope_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
+
+
 def _register_extension() -> None:
     # The same torch.ops entry serves both backends (the dispatcher picks the kernel by device), so a
     # backend is claimed only for the dispatch keys the build really has: a CPU-only build claims no "cuda".
-    for op, impl in (("rms_norm", _ext_rms_norm), ("fused_add_rms_norm_", _ext_fused_add_rms_norm_)):
+    for op, schema, impl in (("rms_norm", "rms_norm", _ext_rms_norm),
+                             ("fused_add_rms_norm_", "fused_add_rms_norm", _ext_fused_add_rms_norm_),
+                             ("linear", "gemv", _ext_linear),
+                             ("linear_silu_mul", "gemv_silu_mul", _ext_linear_silu_mul),
+                             ("rope_and_cache_", "rope_and_cache", _ext_rope_and_cache_)):
         for backend, key in (("cpu", "CPU"), ("cuda", "CUDA")):
-            if _has_kernel(op.rstrip("_"), key):
+            if _has_kernel(schema, key):
                 _IMPLS[op][backend] = impl
 
     # Fake (meta) kernels: both ops only write their Tensor! arguments, so tracing needs no outputs.
@@ -204,10 +246,13 @@ def paged_attention(
     query_start_loc: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
-    """Causal GQA attention of the new tokens over the paged cache (see reference.paged_attention_ref)."""
+    """Causal GQA attention of the new tokens over the paged cache (see reference.paged_attention_ref).
+
+    max_seq_len: a host-side bound on seq_lens (lets the decode kernel size its launch without a sync)."""
     return _call("paged_attention", q.device)(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, max_seq_len
     )
 
 
@@ -220,3 +265,20 @@ def sample_tokens(logits: torch.Tensor, state) -> torch.Tensor:
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [num_tokens, 2 * intermediate] (gate | up) -> silu(gate) * up."""
     return _call("silu_and_mul", x.device)(x)
+
+
+def rope_and_cache_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """rotary_embedding_(positions, q, k, cos_sin_cache) then reshape_and_cache_(k, v, ...), fused."""
+    _call("rope_and_cache_", q.device)(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T (+ bias): a GEMV kernel for a few rows, cuBLAS otherwise."""
+    return _call("linear", x.device)(x, weight, bias)
+
+
+def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate^T) * (x @ up^T), weight = gate rows | up rows [2I, K]."""
+    return _call("linear_silu_mul", x.device)(x, weight)

@@ -94,6 +94,27 @@ def reshape_and_cache_ref(
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v[keep]
 
 
+def rope_and_cache_ref(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """rotary_embedding_ref on q and k (in place), then reshape_and_cache_ref of k and v: one fused op."""
+    rotary_embedding_ref(positions, q, k, cos_sin_cache)
+    reshape_and_cache_ref(k, v, k_cache, v_cache, slot_mapping)
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ weight[N, K]^T (+ bias) with fp32 products and sums, rounded once to x's dtype."""
+    y = x.float() @ weight.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def linear_silu_mul_ref(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul_ref(linear_ref(x, weight)): weight holds the gate rows then the up rows."""
+    return silu_and_mul_ref(linear_ref(x, weight))
+
+
 def paged_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -103,13 +124,15 @@ def paged_attention_ref(
     query_start_loc: torch.Tensor,
     scale: float,
     sliding_window: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of new query tokens over each sequence's paged K/V.
 
     q: [num_tokens, num_heads, head_dim], the new tokens of all sequences back to back; sequence b
     owns q[query_start_loc[b]:query_start_loc[b + 1]], which are the last tokens of its context of
     seq_lens[b] tokens (already written to the cache). block_tables: [num_seqs, max_blocks] int.
-    Prefill (many query tokens), decode (one) and chunked prefill are the same call.
+    Prefill (many query tokens), decode (one) and chunked prefill are the same call. max_seq_len (a
+    bound on seq_lens that fast kernels use to size their launch) is not needed here.
     Returns [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]

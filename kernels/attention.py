@@ -1,88 +1,217 @@
-"""Paged GQA decode attention in Triton: one new query token per sequence, K/V read through block tables.
+"""Paged GQA attention: a Triton split-K (flash-decoding) kernel for decode, SDPA for prefill.
 
-One program per (sequence, KV head): it loads the GROUP query heads that share the KV head, walks the
-sequence's blocks BLOCK_N tokens at a time with an online softmax (fp32 scores, max and sum), and writes
-the GROUP output heads. No host sync: sequence lengths and block tables are read on the device.
-Numerics as decoding.reference.paged_attention_ref (fp32 accumulation, output in q's dtype).
-Prefill and chunked prefill (several new tokens per sequence) stay on the reference path.
+Decode (one new query token per sequence): the context is cut into partitions of PART tokens; one
+program per (sequence, KV head, partition) loads the GROUP query heads sharing the KV head (padded to
+16 rows for tl.dot), walks its partition BLOCK_N tokens at a time through the block table with an
+online softmax (fp32 scores, max and sum), and leaves an unnormalised partial (max, sum, acc). A second
+kernel merges the partials of each (sequence, head). With one partition the first kernel writes the
+output itself. No host sync: lengths and block tables are read on the device, and the partition count
+is fixed by a host-side bound on the context (`max_seq_len`), so the launch can be captured in a CUDA
+graph; partitions past a sequence's end exit at once. A sequence of length 0 (padding) outputs zeros.
+
+Numerics: q·k in fp32 (tensor cores with fp32 accumulation for 16-bit inputs; IEEE fp32 for fp32
+inputs, and for every dtype under the CPU interpreter, whose tl.dot mishandles bf16), softmax weights rounded to the value dtype before p·v (as flash attention does), output in
+q's dtype. decoding.reference.paged_attention_ref is the reference.
+
+Prefill and chunked prefill (several new tokens per sequence) gather each sequence's K/V from the
+cache and call torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+BLOCK_N = 64  # tokens per inner step
+MAX_PARTS = 128  # partitions per sequence at most; PART grows for longer contexts
+MIN_PART = 128  # tokens per partition at least
+
+
+def partition_size(max_seq_len: int) -> int:
+    """Tokens per partition for contexts up to max_seq_len: MIN_PART, doubled until MAX_PARTS cover it."""
+    part = MIN_PART
+    while part * MAX_PARTS < max_seq_len:
+        part *= 2
+    return part
+
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, seq_lens_ptr, scale, window,
-                         q_stride_t, q_stride_h, o_stride_t, o_stride_h, kc_stride_b, kc_stride_s, kc_stride_h,
-                         tables_stride,
-                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                         BLOCK_SIZE: tl.constexpr, HAS_WINDOW: tl.constexpr):
+def _decode_part_kernel(q_ptr, k_ptr, v_ptr, out_ptr, pm_ptr, pl_ptr, pacc_ptr, tables_ptr, seq_lens_ptr,
+                        scale, window, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
+                        kc_stride_b, kc_stride_s, kc_stride_h, tables_stride,
+                        NUM_HEADS: tl.constexpr, NUM_PARTS: tl.constexpr, PART: tl.constexpr,
+                        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        IEEE: tl.constexpr):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
+    part = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + seq)
-    heads = kv_head * GROUP + tl.arange(0, GROUP_PAD)
-    head_mask = tl.arange(0, GROUP_PAD) < GROUP
-    dims = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + seq * q_stride_t + heads[:, None] * q_stride_h + dims[None, :],
-                mask=head_mask[:, None], other=0.0).to(tl.float32)  # [GROUP_PAD, D]
-    m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
-    denom = tl.zeros((GROUP_PAD,), dtype=tl.float32)
-    acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
     start_tok = 0
     if HAS_WINDOW:  # the query sits at position seq_len - 1 and sees keys with distance < window
         start_tok = tl.maximum(seq_len - window, 0)
-    first_block = start_tok // BLOCK_SIZE
-    for blk in range(first_block, tl.cdiv(seq_len, BLOCK_SIZE)):
-        block_id = tl.load(tables_ptr + seq * tables_stride + blk).to(tl.int64)
-        toks = blk * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-        valid = (toks < seq_len) & (toks >= start_tok)
-        kv_off = block_id * kc_stride_b + tl.arange(0, BLOCK_SIZE)[:, None] * kc_stride_s \
+    lo = part * PART
+    hi = tl.minimum(lo + PART, seq_len)
+    rows = tl.arange(0, GROUP_PAD)
+    heads = kv_head * GROUP + rows
+    head_mask = rows < GROUP
+    dims = tl.arange(0, HEAD_DIM)
+    if NUM_PARTS == 1:
+        if seq_len == 0:  # padding row: defined output
+            tl.store(out_ptr + seq * o_stride_t + heads[:, None] * o_stride_h + dims[None, :],
+                     tl.zeros((GROUP_PAD, HEAD_DIM), tl.float32).to(out_ptr.dtype.element_ty),
+                     mask=head_mask[:, None])
+            return
+    if hi <= tl.maximum(lo, start_tok):
+        return  # past the end of this sequence (or before its window): the merge skips this partition
+    q = tl.load(q_ptr + seq * q_stride_t + heads[:, None] * q_stride_h + dims[None, :],
+                mask=head_mask[:, None], other=0.0)  # [GROUP_PAD, D]
+    if IEEE:
+        q = q.to(tl.float32)
+    m = tl.full((GROUP_PAD,), float("-inf"), tl.float32)
+    denom = tl.zeros((GROUP_PAD,), dtype=tl.float32)
+    acc = tl.zeros((GROUP_PAD, HEAD_DIM), dtype=tl.float32)
+    first = tl.maximum(lo, (start_tok // BLOCK_N) * BLOCK_N)
+    for tok0 in range(first, hi, BLOCK_N):
+        toks = tok0 + tl.arange(0, BLOCK_N)
+        valid = (toks < hi) & (toks >= start_tok)
+        block_ids = tl.load(tables_ptr + seq * tables_stride + toks // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+        kv_off = block_ids[:, None] * kc_stride_b + (toks % BLOCK_SIZE)[:, None] * kc_stride_s \
             + kv_head * kc_stride_h + dims[None, :]
-        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)  # [BLOCK_SIZE, D]
-        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0).to(tl.float32)
-        scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # [GROUP_PAD, BLOCK_SIZE]
-        scores = tl.where(valid[None, :], scores, float("-inf"))
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+        if IEEE:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(valid[None, :], scores * scale, float("-inf"))  # [GROUP_PAD, BLOCK_N]
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp(m - m_new)
         p = tl.exp(scores - m_new[:, None])
         denom = denom * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-    out = acc / denom[:, None]
-    tl.store(out_ptr + seq * o_stride_t + heads[:, None] * o_stride_h + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+    if NUM_PARTS == 1:
+        tl.store(out_ptr + seq * o_stride_t + heads[:, None] * o_stride_h + dims[None, :],
+                 (acc / denom[:, None]).to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+    else:
+        idx = (seq * NUM_HEADS + heads) * NUM_PARTS + part  # [GROUP_PAD]
+        tl.store(pm_ptr + idx, m, mask=head_mask)
+        tl.store(pl_ptr + idx, denom, mask=head_mask)
+        tl.store(pacc_ptr + idx[:, None] * HEAD_DIM + dims[None, :], acc, mask=head_mask[:, None])
+
+
+@triton.jit
+def _merge_kernel(out_ptr, pm_ptr, pl_ptr, pacc_ptr, seq_lens_ptr, window, o_stride_t, o_stride_h,
+                  NUM_HEADS: tl.constexpr, NUM_PARTS: tl.constexpr, PART: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    start_tok = 0
+    if HAS_WINDOW:
+        start_tok = tl.maximum(seq_len - window, 0)
+    parts = tl.arange(0, NUM_PARTS)
+    lo = parts * PART
+    live = tl.minimum(lo + PART, seq_len) > tl.maximum(lo, start_tok)  # the partitions that ran
+    base = (seq * NUM_HEADS + head) * NUM_PARTS
+    pm = tl.load(pm_ptr + base + parts, mask=live, other=float("-inf"))
+    pl = tl.load(pl_ptr + base + parts, mask=live, other=0.0)
+    dims = tl.arange(0, HEAD_DIM)
+    pacc = tl.load(pacc_ptr + (base + parts)[:, None] * HEAD_DIM + dims[None, :], mask=live[:, None], other=0.0)
+    m = tl.max(pm, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no live partition: avoid -inf - -inf
+    w = tl.where(live, tl.exp(pm - m), 0.0)
+    denom = tl.sum(w * pl, axis=0)
+    out = tl.sum(w[:, None] * pacc, axis=0) / tl.where(denom > 0, denom, 1.0)  # zeros for an empty sequence
+    tl.store(out_ptr + seq * o_stride_t + head * o_stride_h + dims, out.to(out_ptr.dtype.element_ty))
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                           sliding_window: int | None = None) -> torch.Tensor:
+                           sliding_window: int | None = None, max_seq_len: int | None = None) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim] (one new token per sequence; last dim contiguous); caches
-    [num_blocks, block_size, num_kv_heads, head_dim]; returns [num_seqs, num_heads, head_dim]."""
+    [num_blocks, block_size, num_kv_heads, head_dim]; returns [num_seqs, num_heads, head_dim].
+
+    max_seq_len bounds every seq_lens entry (it fixes the partition count; None reads it from seq_lens,
+    a host sync)."""
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
     assert k_cache.stride() == v_cache.stride()
     assert head_dim == triton.next_power_of_2(head_dim) and block_size == triton.next_power_of_2(block_size)
+    if max_seq_len is None:
+        max_seq_len = int(seq_lens.max()) if num_seqs else 1
+    part = partition_size(max_seq_len)
+    num_parts = max(1, triton.cdiv(max_seq_len, part))
+    num_parts_pad = triton.next_power_of_2(num_parts)
     group = num_heads // num_kv_heads
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    _paged_decode_kernel[(num_seqs, num_kv_heads)](
-        q, k_cache, v_cache, out, block_tables, seq_lens, scale, sliding_window or 0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        HAS_WINDOW=sliding_window is not None, num_warps=4)
+    if num_parts > 1:
+        pm = torch.empty(num_seqs * num_heads * num_parts_pad, dtype=torch.float32, device=q.device)
+        pl = torch.empty_like(pm)
+        pacc = torch.empty(num_seqs * num_heads * num_parts_pad * head_dim, dtype=torch.float32, device=q.device)
+    else:
+        pm = pl = pacc = out  # unused
+    _decode_part_kernel[(num_seqs, num_kv_heads, num_parts)](
+        q, k_cache, v_cache, out, pm, pl, pacc, block_tables, seq_lens, scale, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables.stride(0),
+        NUM_HEADS=num_heads, NUM_PARTS=num_parts_pad if num_parts > 1 else 1, PART=part,
+        GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16), HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, BLOCK_N=min(BLOCK_N, part), HAS_WINDOW=sliding_window is not None,
+        IEEE=q.dtype == torch.float32 or q.device.type == "cpu", num_warps=4)
+    if num_parts > 1:
+        _merge_kernel[(num_seqs, num_heads)](
+            out, pm, pl, pacc, seq_lens, sliding_window or 0, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, NUM_PARTS=num_parts_pad, PART=part, HEAD_DIM=head_dim,
+            HAS_WINDOW=sliding_window is not None, num_warps=4)
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                      sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention of several new tokens per sequence through torch's SDPA, K/V gathered from the
+    paged cache (host loop over sequences: a prefill step syncs once for the lengths)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        n_q = starts[b + 1] - starts[b]
+        if n_q == 0:
+            continue
+        blocks = block_tables[b, : triton.cdiv(seq_len, block_size)].long()
+        kb = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)  # [H_kv, L, D]
+        vb = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
+        qb = q[starts[b]:starts[b + 1]].transpose(0, 1)  # [H, n_q, D]
+        mask, causal = None, n_q == seq_len and sliding_window is None
+        if not causal:  # the queries are the last n_q of seq_len positions
+            q_pos = torch.arange(seq_len - n_q, seq_len, device=q.device)[:, None]
+            k_pos = torch.arange(seq_len, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if sliding_window is not None:
+                mask &= (q_pos - k_pos) < sliding_window
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=causal, scale=scale,
+                                           enable_gqa=num_heads != num_kv_heads)
+        out[starts[b]:starts[b + 1]] = o.transpose(0, 1)
     return out
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                    sliding_window: int | None = None) -> torch.Tensor:
-    """decoding.ops.paged_attention: the kernel for decode steps (one token per sequence, decided from
-    shapes alone, so no host sync), the reference for prefill."""
+                    sliding_window: int | None = None, max_seq_len: int | None = None) -> torch.Tensor:
+    """decoding.ops.paged_attention: the split-K kernel for decode steps (one token per sequence, decided
+    from shapes alone, so no host sync), SDPA for prefill."""
     if q.shape[0] == block_tables.shape[0] and q.stride(-1) == 1:
-        return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window)
-    from decoding.reference import paged_attention_ref
-
-    return paged_attention_ref(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)
+        return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
+                                      max_seq_len)
+    return prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)

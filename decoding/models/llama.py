@@ -8,7 +8,6 @@ sequence, so prefill, decode and mixed steps are the same forward.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from decoding import ops
@@ -31,6 +30,23 @@ class RMSNorm(nn.Module):
         return x, residual
 
 
+class Linear(nn.Linear):
+    """nn.Linear through ops.linear: a GEMV kernel at decode batch sizes on CUDA, F.linear otherwise.
+
+    Quantized layers (decoding.quant) replace these modules; `forward_silu_mul` is the hook the MLP
+    uses for its fused gate/up activation, which such a replacement may implement or inherit.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this layer's output (rows: gate | up)."""
+        if self.bias is None:
+            return ops.linear_silu_mul(x, self.weight)
+        return ops.silu_and_mul(self(x))
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -41,8 +57,8 @@ class LlamaAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.sliding_window = config.sliding_window
         # q, k and v projections fused into one matmul (rows: q | k | v), as loaded by loader.py.
-        self.qkv = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o = Linear(self.q_size, config.hidden_size, bias=False)
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin_cache: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -51,10 +67,9 @@ class LlamaAttention(nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        ops.rotary_embedding_(positions, q, k, cos_sin_cache)
-        ops.reshape_and_cache_(k, v, k_cache, v_cache, meta.slot_mapping)
+        ops.rope_and_cache_(positions, q, k, v, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
         out = ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                  meta.query_start_loc, self.scale, self.sliding_window)
+                                  meta.query_start_loc, self.scale, self.sliding_window, meta.max_seq_len)
         return self.o(out.reshape(num_tokens, self.q_size))
 
 
@@ -62,11 +77,12 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         # gate and up projections fused (rows: gate | up).
-        self.gate_up = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(ops.silu_and_mul(self.gate_up(x)))
+        fused = getattr(self.gate_up, "forward_silu_mul", None)
+        return self.down(fused(x) if fused is not None else ops.silu_and_mul(self.gate_up(x)))
 
 
 class LlamaBlock(nn.Module):
@@ -95,7 +111,7 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaBlock(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(
+        self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, bias=False)
         # fp32 [max_positions, head_dim]: cos | sin. Not a checkpoint tensor: init_buffers() fills it.
         self.register_buffer("cos_sin_cache", torch.empty(config.max_position_embeddings, config.head_dim),
@@ -127,4 +143,4 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [num_seqs, hidden_size] -> fp32 logits [num_seqs, vocab_size]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return ops.linear(hidden, weight).float()

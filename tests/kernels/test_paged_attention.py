@@ -55,9 +55,40 @@ def test_decode_matches_reference(case, dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
 
 
-def test_prefill_goes_to_the_reference():
-    q, k, v, tables, lens = _setup(4, 2, 32, [9, 5], torch.float32)
-    q = torch.randn(14, 4, 32, device=DEVICE)  # 9 + 5 new tokens: a prefill
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("window", [None, 40])
+def test_split_k_partitions_merge_exactly(dtype, window):
+    """A bound of 1000 tokens cuts each context into 128-token partitions (8 on CPU, more on GPU):
+    the merged result must equal the reference whatever the bound."""
+    seq_lens = [1, 127, 128, 129, 300] + ([900, 4099] if DEVICE == "cuda" else [])
+    q, k, v, tables, lens = _setup(6, 2, 32, seq_lens, dtype)
+    starts = torch.arange(len(seq_lens) + 1, dtype=torch.int32, device=DEVICE)
+    want = paged_attention_ref(q, k, v, tables, lens, starts, 0.3, window)
+    bound = 8000 if DEVICE == "cuda" else 1000
+    assert attention.partition_size(bound) * 2 <= bound  # really several partitions
+    got = attention.paged_attention(q, k, v, tables, lens, starts, 0.3, window, max_seq_len=bound)
+    torch.testing.assert_close(got.float(), want.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("bound", [None, 1000])
+def test_padding_rows_output_zeros(bound):
+    """Rows with seq_len 0 pad a CUDA-graph bucket: they read nothing and output zeros."""
+    q, k, v, tables, lens = _setup(4, 2, 32, [20, 1, 33], torch.float32)
+    lens[1] = 0
+    starts = torch.arange(4, dtype=torch.int32, device=DEVICE)
+    got = attention.paged_attention(q, k, v, tables, lens, starts, 0.2, None, max_seq_len=bound or 33)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    keep = torch.tensor([0, 2], device=DEVICE)
+    want = paged_attention_ref(q[keep], k, v, tables[keep], lens[keep], starts[:3], 0.2, None)
+    torch.testing.assert_close(got[keep], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_prefill_sdpa_matches_reference(window):
+    """Prefill (9 new of 9) and chunked prefill (5 new of 12 tokens: the mask is offset) through SDPA."""
+    q, k, v, tables, lens = _setup(4, 2, 32, [9, 12], torch.float32)
+    q = torch.randn(14, 4, 32, device=DEVICE)
     starts = torch.tensor([0, 9, 14], dtype=torch.int32, device=DEVICE)
-    want = paged_attention_ref(q, k, v, tables, lens, starts, 0.2, None)
-    torch.testing.assert_close(attention.paged_attention(q, k, v, tables, lens, starts, 0.2, None), want)
+    want = paged_attention_ref(q, k, v, tables, lens, starts, 0.2, window)
+    got = attention.paged_attention(q, k, v, tables, lens, starts, 0.2, window)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,236 @@
+// Decode-time matmuls for a few rows of activations (batch 1..8): y[m, n] = sum_k x[m, k] * w[n, k].
+//
+// At small batch a linear layer reads its whole weight matrix to do 2 * M flops per weight, so it is
+// bound by memory bandwidth, and cuBLAS leaves some of it unused on these shapes (DESIGN.md). One warp
+// owns R output rows: each lane streams 16-byte chunks of those rows (U chunks in flight per lane),
+// multiplies them with the matching chunks of every activation row (read through L1/L2: they are small
+// and shared by all warps), accumulates in fp32, and the warp reduces with shuffles at the end.
+//
+// gemv_silu_mul fuses the MLP's activation: w holds gate rows then up rows ([2I, K]); the warp owning
+// output j reads rows j and I + j and writes silu(gate) * up, with the roundings the unfused ops do
+// (gate and up rounded to the dtype, silu rounded, product rounded), so it matches them up to the fp32
+// summation order of the dot products.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+namespace decoding {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kWarps = 4;      // warps per block
+constexpr int kChunk = 8;      // elements per 16-byte load
+constexpr int kMaxRows = 8;    // largest M with a kernel instance
+
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[kChunk]);
+
+template <>
+__device__ __forceinline__ void unpack8<c10::BFloat16>(const uint4& raw, float (&f)[kChunk]) {
+  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(p[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+template <>
+__device__ __forceinline__ void unpack8<c10::Half>(const uint4& raw, float (&f)[kChunk]) {
+  const __half2* p = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __half22float2(p[i]);
+    f[2 * i] = t.x;
+    f[2 * i + 1] = t.y;
+  }
+}
+
+// Weights are read once per step: stream them past L1.
+__device__ __forceinline__ uint4 load_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ float round_to(float v) {
+  return static_cast<float>(static_cast<T>(v));
+}
+
+// M activation rows, R output rows per warp, U 16-byte chunks in flight per lane and weight row.
+template <typename T, int M, int R, int U, bool GLU>
+__global__ void __launch_bounds__(kWarps * kWarpSize)
+    gemv_kernel(T* __restrict__ out, int64_t ldo, const T* __restrict__ x, int64_t ldx, const T* __restrict__ w,
+                const T* __restrict__ bias, int n_out, int K) {
+  constexpr int NW = GLU ? 2 * R : R;  // weight rows read by the warp
+  const int lane = threadIdx.x % kWarpSize;
+  const int row0 = (blockIdx.x * kWarps + threadIdx.x / kWarpSize) * R;
+  if (row0 >= n_out) return;
+  const T* rows[NW];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = min(row0 + r, n_out - 1);  // tail rows repeat the last one; their store is skipped
+    rows[r] = w + static_cast<int64_t>(row) * K;
+    if constexpr (GLU) rows[R + r] = w + static_cast<int64_t>(row + n_out) * K;
+  }
+  float acc[NW][M];
+#pragma unroll
+  for (int j = 0; j < NW; ++j)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[j][m] = 0.f;
+
+  constexpr int kStep = kWarpSize * kChunk;  // elements a warp covers with one load per lane
+  for (int base = lane * kChunk; base < K; base += U * kStep) {
+    uint4 wv[U][NW];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = base + u * kStep;
+#pragma unroll
+      for (int j = 0; j < NW; ++j) wv[u][j] = k < K ? load_stream(rows[j] + k) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = base + u * kStep;
+      if (k >= K) break;
+      float xf[M][kChunk];
+#pragma unroll
+      for (int m = 0; m < M; ++m) unpack8<T>(*reinterpret_cast<const uint4*>(x + m * ldx + k), xf[m]);
+#pragma unroll
+      for (int j = 0; j < NW; ++j) {
+        float wf[kChunk];
+        unpack8<T>(wv[u][j], wf);
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+          for (int e = 0; e < kChunk; ++e) acc[j][m] = fmaf(wf[e], xf[m][e], acc[j][m]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < NW; ++j)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[j][m] = warp_sum(acc[j][m]);
+  if (lane != 0) return;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = row0 + r;
+    if (row >= n_out) break;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      float y;
+      if constexpr (GLU) {
+        const float gate = round_to<T>(acc[r][m]);
+        const float up = round_to<T>(acc[R + r][m]);
+        y = round_to<T>(gate / (1.f + __expf(-gate))) * up;
+      } else {
+        y = acc[r][m] + (bias != nullptr ? static_cast<float>(bias[row]) : 0.f);
+      }
+      out[m * ldo + row] = static_cast<T>(y);
+    }
+  }
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+
+void check_gemv_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w, int64_t n_out, bool glu) {
+  TORCH_CHECK(x.is_cuda() && w.device() == x.device() && out.device() == x.device(),
+              "x, weight and out must be on one CUDA device");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf, "gemv takes bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(w.scalar_type() == dtype && out.scalar_type() == dtype, "x, weight and out must share a dtype");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && out.dim() == 2, "x [M, K], weight [N, K] and out [M, N] must be 2-D");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M >= 1 && M <= kMaxRows, "gemv takes 1..", kMaxRows, " rows of x, got ", M);
+  TORCH_CHECK(w.size(1) == K, "weight has ", w.size(1), " columns but x has ", K);
+  TORCH_CHECK(w.size(0) == (glu ? 2 * n_out : n_out), "weight has ", w.size(0), " rows, expected ",
+              glu ? 2 * n_out : n_out);
+  TORCH_CHECK(out.size(0) == M && out.size(1) == n_out, "out must be [", M, ", ", n_out, "], got ", out.sizes());
+  TORCH_CHECK(K % kChunk == 0 && K <= INT32_MAX && w.size(0) <= INT32_MAX, "K must be a multiple of 8, got ", K);
+  TORCH_CHECK(w.is_contiguous() && aligned16(w), "weight must be contiguous and 16-byte aligned");
+  TORCH_CHECK(x.stride(1) == 1 && x.stride(0) % kChunk == 0 && aligned16(x),
+              "x rows must be contiguous, 16-byte aligned, with a row stride that is a multiple of 8");
+  TORCH_CHECK(out.stride(1) == 1, "out rows must be contiguous");
+}
+
+template <typename T, bool GLU>
+void launch(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const T* bias, int n_out) {
+  const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  T* y = out.data_ptr<T>();
+  const T* xp = x.const_data_ptr<T>();
+  const T* wp = w.const_data_ptr<T>();
+  auto go = [&](auto m_tag, auto r_tag) {
+    constexpr int kM = decltype(m_tag)::value, kR = decltype(r_tag)::value;
+    constexpr int kU = (GLU ? 2 * kR : kR) * kM >= 8 ? 2 : 4;
+    const int rows_per_block = kWarps * kR;
+    const unsigned grid = static_cast<unsigned>((n_out + rows_per_block - 1) / rows_per_block);
+    gemv_kernel<T, kM, kR, kU, GLU><<<grid, kWarps * kWarpSize, 0, stream>>>(y, out.stride(0), xp, x.stride(0), wp,
+                                                                           bias, n_out, K);
+  };
+  using I = std::integral_constant<int, 1>;
+  switch (M) {
+    case 1: return go(I{}, I{});
+    case 2: return go(std::integral_constant<int, 2>{}, I{});
+    case 3: return go(std::integral_constant<int, 3>{}, I{});
+    case 4: return go(std::integral_constant<int, 4>{}, I{});
+    case 5: return go(std::integral_constant<int, 5>{}, I{});
+    case 6: return go(std::integral_constant<int, 6>{}, I{});
+    case 7: return go(std::integral_constant<int, 7>{}, I{});
+    default: return go(std::integral_constant<int, 8>{}, I{});
+  }
+}
+
+template <bool GLU>
+void run(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+         int64_t n_out) {
+  check_gemv_args(out, x, w, n_out, GLU);
+  if (bias.has_value()) {
+    TORCH_CHECK(!GLU, "gemv_silu_mul takes no bias");
+    TORCH_CHECK(bias->device() == x.device() && bias->scalar_type() == x.scalar_type() && bias->dim() == 1 &&
+                    bias->size(0) == n_out && bias->is_contiguous(),
+                "bias must be a contiguous [", n_out, "] tensor of x's dtype and device");
+  }
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  if (x.scalar_type() == at::kBFloat16) {
+    using T = c10::BFloat16;
+    launch<T, GLU>(out, x, w, bias.has_value() ? bias->const_data_ptr<T>() : nullptr, static_cast<int>(n_out));
+  } else {
+    using T = c10::Half;
+    launch<T, GLU>(out, x, w, bias.has_value() ? bias->const_data_ptr<T>() : nullptr, static_cast<int>(n_out));
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  run<false>(out, x, weight, bias, weight.size(0));
+}
+
+void gemv_silu_mul(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight) {
+  run<true>(out, x, weight, std::nullopt, weight.size(0) / 2);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(decoding, CUDA, m) {
+  m.impl("gemv", &gemv);
+  m.impl("gemv_silu_mul", &gemv_silu_mul);
+}
+
+}  // namespace decoding

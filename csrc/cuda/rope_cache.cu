@@ -1,0 +1,129 @@
+// RoPE on q and k, then k and v written into the paged KV cache: one launch instead of the rotary
+// kernel plus the cache-write kernel, and k goes to the cache straight from registers.
+//
+// Same contract and numerics as decoding/reference.py's rotary_embedding_ref followed by
+// reshape_and_cache_ref: rotate-half layout; cos and sin rounded to the dtype; each product and the sum
+// rounded to the dtype, as the reference's elementwise ops round them; a negative slot skips the token.
+// One block per token; threads stride over (head, pair of dims).
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+
+#include "../norm_checks.h"
+
+namespace decoding {
+namespace {
+
+template <typename T>
+__device__ __forceinline__ void rotate_pair(T& a, T& b, T c, T s) {
+  const T ac = static_cast<T>(static_cast<float>(a) * static_cast<float>(c));
+  const T bs = static_cast<T>(-static_cast<float>(b) * static_cast<float>(s));
+  const T bc = static_cast<T>(static_cast<float>(b) * static_cast<float>(c));
+  const T as = static_cast<T>(static_cast<float>(a) * static_cast<float>(s));
+  a = static_cast<T>(static_cast<float>(ac) + static_cast<float>(bs));
+  b = static_cast<T>(static_cast<float>(bc) + static_cast<float>(as));
+}
+
+template <typename T>
+__global__ void rope_and_cache_kernel(const int64_t* __restrict__ positions, T* __restrict__ q, int64_t q_st,
+                                      int64_t q_sh, T* __restrict__ k, int64_t k_st, int64_t k_sh,
+                                      const T* __restrict__ v, int64_t v_st, int64_t v_sh,
+                                      const float* __restrict__ cos_sin, int64_t cs_stride, T* __restrict__ k_cache,
+                                      T* __restrict__ v_cache, int64_t cache_slot_stride, int64_t cache_head_stride,
+                                      const int64_t* __restrict__ slots, int num_heads, int num_kv_heads,
+                                      int head_dim) {
+  const int64_t t = blockIdx.x;
+  const int half = head_dim / 2;
+  const float* cs = cos_sin + positions[t] * cs_stride;
+  const int64_t slot = slots[t];
+  for (int i = threadIdx.x; i < (num_heads + num_kv_heads) * half; i += blockDim.x) {
+    const int h = i / half, d = i % half;
+    const T c = static_cast<T>(cs[d]), s = static_cast<T>(cs[half + d]);
+    if (h < num_heads) {
+      T* p = q + t * q_st + h * q_sh;
+      rotate_pair(p[d], p[d + half], c, s);
+    } else {
+      const int kh = h - num_heads;
+      T* p = k + t * k_st + kh * k_sh;
+      T a = p[d], b = p[d + half];
+      rotate_pair(a, b, c, s);
+      p[d] = a;
+      p[d + half] = b;
+      if (slot >= 0) {
+        T* dst = k_cache + slot * cache_slot_stride + kh * cache_head_stride;
+        dst[d] = a;
+        dst[d + half] = b;
+      }
+    }
+  }
+  if (slot < 0) return;
+  for (int i = threadIdx.x; i < num_kv_heads * head_dim; i += blockDim.x) {
+    const int h = i / head_dim, d = i % head_dim;
+    v_cache[slot * cache_slot_stride + h * cache_head_stride + d] = v[t * v_st + h * v_sh + d];
+  }
+}
+
+void check_qkv(const at::Tensor& t, const at::Tensor& q, const char* name, int64_t tokens, int64_t head_dim) {
+  TORCH_CHECK(t.device() == q.device() && t.scalar_type() == q.scalar_type(), name,
+              " must share q's device and dtype");
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == tokens && t.size(2) == head_dim && t.stride(2) == 1, name,
+              " must be [num_tokens, heads, head_dim] with a contiguous last dim, got ", t.sizes());
+}
+
+void rope_and_cache(const at::Tensor& positions, at::Tensor& q, at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& cos_sin_cache, at::Tensor& k_cache, at::Tensor& v_cache,
+                    const at::Tensor& slot_mapping) {
+  TORCH_CHECK(q.is_cuda(), "q must be a CUDA tensor");
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "q must be float32, bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1, "q must be [num_tokens, num_heads, head_dim], last dim contiguous");
+  const int64_t tokens = q.size(0), head_dim = q.size(2);
+  TORCH_CHECK(head_dim % 2 == 0, "head_dim must be even, got ", head_dim);
+  check_qkv(k, q, "k", tokens, head_dim);
+  check_qkv(v, q, "v", tokens, head_dim);
+  TORCH_CHECK(v.size(1) == k.size(1), "k and v must have the same number of heads");
+  for (const at::Tensor* c : {&k_cache, &v_cache}) {
+    TORCH_CHECK(c->device() == q.device() && c->scalar_type() == dtype && c->is_contiguous() && c->dim() == 4 &&
+                    c->size(2) == k.size(1) && c->size(3) == head_dim,
+                "k_cache and v_cache must be contiguous [num_blocks, block_size, ", k.size(1), ", ", head_dim,
+                "] tensors of q's dtype");
+  }
+  TORCH_CHECK(k_cache.sizes() == v_cache.sizes(), "k_cache and v_cache shapes differ");
+  TORCH_CHECK(cos_sin_cache.device() == q.device() && cos_sin_cache.scalar_type() == at::kFloat &&
+                  cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == head_dim && cos_sin_cache.stride(1) == 1,
+              "cos_sin_cache must be float32 [max_positions, head_dim] on q's device");
+  for (const at::Tensor* idx : {&positions, &slot_mapping}) {
+    TORCH_CHECK(idx->device() == q.device() && idx->scalar_type() == at::kLong && idx->dim() == 1 &&
+                    idx->size(0) == tokens && idx->is_contiguous(),
+                "positions and slot_mapping must be contiguous int64 [num_tokens] on q's device");
+  }
+  if (tokens == 0) return;
+  TORCH_CHECK(tokens <= INT32_MAX, "too many tokens");
+  const c10::cuda::CUDAGuard device_guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int heads = static_cast<int>(q.size(1)), kv_heads = static_cast<int>(k.size(1));
+  const int work = (heads + kv_heads) * static_cast<int>(head_dim / 2);
+  const int threads = work >= 256 ? 256 : ((work + 31) / 32) * 32;
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    rope_and_cache_kernel<T><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
+        positions.const_data_ptr<int64_t>(), q.data_ptr<T>(), q.stride(0), q.stride(1), k.data_ptr<T>(),
+        k.stride(0), k.stride(1), v.const_data_ptr<T>(), v.stride(0), v.stride(1),
+        cos_sin_cache.const_data_ptr<float>(), cos_sin_cache.stride(0), k_cache.data_ptr<T>(),
+        v_cache.data_ptr<T>(), k_cache.stride(1), k_cache.stride(2), slot_mapping.const_data_ptr<int64_t>(), heads,
+        kv_heads, static_cast<int>(head_dim));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(decoding, CUDA, m) { m.impl("rope_and_cache", &rope_and_cache); }
+
+}  // namespace decoding
