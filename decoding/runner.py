@@ -83,7 +83,7 @@ class _DecodeGraphs:
     def _views(self, buf: torch.Tensor, bucket: int):
         n = self.max_batch
         ids, pos, slots, lens = (buf[i * n: i * n + bucket] for i in range(4))
-        tables = buf[4 * n:].view(n, self.width)[:bucket]
+        tables = buf[4 * n:].reshape(n, self.width)[:bucket]
         return ids, pos, slots, lens, tables
 
     def _forward(self, bucket: int) -> torch.Tensor:

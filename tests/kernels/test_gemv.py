@@ -88,7 +88,7 @@ def test_gemv_rejects_bad_arguments():
     with pytest.raises(RuntimeError, match="bfloat16 or float16"):
         torch.ops.decoding.gemv(torch.empty(2, 32, device="cuda"), x.float(), w.float(), None)
     with pytest.raises(RuntimeError, match="rows, expected"):
-        torch.ops.decoding.gemv_silu_mul(torch.empty(2, 32, device="cuda", dtype=torch.bfloat16), x, w)
+        torch.ops.decoding.gemv_silu_mul(torch.empty(2, 15, device="cuda", dtype=torch.bfloat16), x, w[:31])
 
 
 def test_cpu_linear_ops_are_torch_and_the_reference():
