@@ -58,6 +58,11 @@ def main() -> None:
           f"{weight_bytes_per_step(gen.model) / 1e9:.2f} GB weights")
     for e in events[: args.rows]:
         print(f"  {e.device_time_total / n:9.1f} us/step {e.count / n:6.1f} calls/step  {e.key[:90]}")
+    host = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CPU]
+    host.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    print("host (self time):")
+    for e in host[: args.rows]:
+        print(f"  {e.self_cpu_time_total / n:9.1f} us/step {e.count / n:6.1f} calls/step  {e.key[:90]}")
 
 
 if __name__ == "__main__":

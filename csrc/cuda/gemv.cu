@@ -178,7 +178,10 @@ void launch(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const T* 
   const T* wp = w.const_data_ptr<T>();
   auto go = [&](auto m_tag, auto r_tag) {
     constexpr int kM = decltype(m_tag)::value, kR = decltype(r_tag)::value;
-    constexpr int kU = (GLU ? 2 * kR : kR) * kM >= 8 ? 2 : 4;
+    // 16-byte loads in flight per lane and weight row: enough to cover memory latency, few enough
+    // registers for the accumulators of larger M.
+    constexpr int kW = (GLU ? 2 : 1) * kR * kM;
+    constexpr int kU = kW <= 2 ? 8 : (kW < 8 ? 4 : 2);
     const int rows_per_block = kWarps * kR;
     const unsigned grid = static_cast<unsigned>((n_out + rows_per_block - 1) / rows_per_block);
     gemv_kernel<T, kM, kR, kU, GLU><<<grid, kWarps * kWarpSize, 0, stream>>>(y, out.stride(0), xp, x.stride(0), wp,
