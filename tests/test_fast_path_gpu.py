@@ -1,16 +1,17 @@
 """The CUDA fast path (decode graphs per batch bucket, GEMV, fused RoPE + KV write, split-K attention)
 against the reference backend, end to end (run on the GPU machine).
 
-Agreement is measured teacher-forced: the fast path generates greedily; then the reference backend
-(eager, plain-PyTorch ops) prefills prompt + generated tokens in one pass, and at every step its argmax
-must be the fast path's token, except where the fast token's reference logit is within bf16 noise of
-the reference maximum: 2% of the largest |logit| at that step (both paths are bf16 with fp32
-accumulation in different orders; on the HF comparisons in test_model_gpu our bf16 logits are 0.6-1.0%
-from fp32 in relative L2). Teacher forcing keeps one near-tie from turning the rest of the run into a
-different (equally valid) continuation.
+How agreement "up to bf16 noise" is measured: truth is the reference backend in fp32 (the same random
+weights, upcast), teacher-forced along the fast path's tokens. The reference backend in bf16 shows what
+bf16 alone costs. Logits: the fast path's relative L2 distance from truth may be at most 2x the bf16
+reference's (the ratio rule of test_model_gpu). Tokens: each greedy token of the fast path must be the
+fp32 argmax, or within the bf16 reference's own largest logit error at that step of it (a tie at bf16
+precision). Teacher forcing keeps one tie from turning the rest of a run into another continuation.
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -18,29 +19,59 @@ import torch
 from decoding import SamplingParams
 from decoding.bench import preset_config, random_generator
 from decoding.config import ModelConfig
-from decoding.runner import StepInput
+from decoding.runner import ModelRunner, StepInput
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def reference_agreement(gen, prompt_ids: list[int], tokens: list[int], monkeypatch) -> tuple[int, int, float]:
-    """(exact matches, steps outside the noise band, worst margin / max|logit|) of `tokens` against the
-    reference backend's teacher-forced argmax."""
+def _prefill_logits(runner: ModelRunner, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """Eager one-pass logits predicting each of `tokens` (fp32 [len(tokens), vocab])."""
     seq = prompt_ids + tokens
-    runner = gen.runner
     cache = runner.ensure_cache(runner.blocks_for(len(seq)))
     blocks = cache.pool.allocate(runner.blocks_for(len(seq)))
     try:
-        with monkeypatch.context() as m:
-            m.setenv("DECODING_BACKEND", "reference")
-            hidden = runner.forward_hidden(StepInput([blocks], [len(seq)], seq, [len(seq)]))
-            logits = gen.model.compute_logits(hidden[len(prompt_ids) - 1: len(seq) - 1])
+        hidden = runner.forward_hidden(StepInput([blocks], [len(seq)], seq, [len(seq)]))
+        return runner.model.compute_logits(hidden[len(prompt_ids) - 1: len(seq) - 1])
     finally:
         cache.pool.free(blocks)
-    chosen = logits.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]
-    margin = (logits.max(1).values - chosen) / logits.abs().max(1).values
-    exact = int((logits.argmax(1) == torch.tensor(tokens, device=logits.device)).sum())
-    return exact, int((margin > 0.02).sum()), float(margin.max())
+
+
+def _fast_logits(runner: ModelRunner, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
+    """The fast path's logits along `tokens`: prefill, then one graphed decode step per token."""
+    n = len(prompt_ids) + len(tokens)
+    cache = runner.ensure_cache(runner.blocks_for(n))
+    blocks = cache.pool.allocate(runner.blocks_for(n))
+    try:
+        rows = [runner.step(StepInput([blocks], [len(prompt_ids)], prompt_ids, [len(prompt_ids)])).clone()]
+        for i, t in enumerate(tokens[:-1]):
+            rows.append(runner.step(StepInput([blocks], [len(prompt_ids) + i + 1], [t], [1])).clone())
+        return torch.cat(rows)
+    finally:
+        cache.pool.free(blocks)
+
+
+class Agreement:
+    """Truth (fp32 reference) and the bf16 reference for a generator's model, teacher-forced."""
+
+    def __init__(self, gen) -> None:
+        self.gen = gen
+        self.runner32 = ModelRunner(copy.deepcopy(gen.model).float(), gen.block_size, cuda_graphs=False)
+
+    def check(self, prompt_ids: list[int], tokens: list[int], monkeypatch, fast_logits: bool = True) -> dict:
+        with monkeypatch.context() as m:
+            m.setenv("DECODING_BACKEND", "reference")
+            truth = _prefill_logits(self.runner32, prompt_ids, tokens)
+            ref16 = _prefill_logits(self.gen.runner, prompt_ids, tokens)
+        noise = (ref16 - truth).abs().max(1).values  # the bf16 reference's own error, per step
+        tok = torch.tensor(tokens, device=truth.device)
+        margin = truth.max(1).values - truth.gather(1, tok[:, None])[:, 0]
+        stats = {"steps": len(tokens), "fp32_argmax": int((truth.argmax(1) == tok).sum()),
+                 "beyond_noise": int((margin > noise).sum()), "worst_margin_over_noise": float((margin / noise).max())}
+        if fast_logits:
+            fast = _fast_logits(self.gen.runner, prompt_ids, tokens)
+            rel = lambda x: float((x - truth).norm() / truth.norm())  # noqa: E731
+            stats.update(rel_fast=rel(fast), rel_ref16=rel(ref16), fast_argmax=int((fast.argmax(1) == tok).sum()))
+        return stats
 
 
 def _random_gen(shape_or_config, seed=0):
@@ -69,17 +100,24 @@ def _prompts(n, lengths):
             for i in range(n)]
 
 
+@pytest.fixture(scope="module")
+def agreement(small_gen):
+    return Agreement(small_gen)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8, 11])  # buckets 1, 4 (padded), 8, 16 (padded; cuBLAS rows)
-def test_graphed_decode_agrees_with_reference(small_gen, batch, monkeypatch):
+def test_graphed_decode_agrees_with_reference(small_gen, agreement, batch, monkeypatch):
     gen = small_gen
     assert gen.runner.cuda_graphs
     prompts = _prompts(batch, [5, 16, 17, 40, 100])
     params = SamplingParams(max_tokens=80, temperature=0, ignore_eos=True, cycle_min_repeats=0)
     outs = gen.generate(prompts, params)
-    for out in outs:
-        exact, outside, worst = reference_agreement(gen, out.prompt_token_ids, out.token_ids, monkeypatch)
-        assert outside == 0, f"{outside} of 80 steps disagree beyond bf16 noise (worst margin {worst:.3f})"
-        assert exact >= 72, f"only {exact} of 80 greedy tokens equal the reference argmax"
+    for i, out in enumerate(outs):
+        stats = agreement.check(out.prompt_token_ids, out.token_ids, monkeypatch, fast_logits=i == 0)
+        print(f"small model, batch {batch}, sequence {i}: {stats}")
+        assert stats["beyond_noise"] == 0, stats
+        if i == 0:
+            assert stats["rel_fast"] <= 2 * stats["rel_ref16"], stats
     assert gen.runner.cache.pool.num_free == gen.runner.cache.num_blocks
 
 
@@ -100,11 +138,14 @@ def test_graphs_match_eager_fast_path_exactly_at_small_buckets(small_gen):
 
 @pytest.mark.slow
 def test_llama3_8b_shape_agrees_with_reference(monkeypatch):
+    """64 greedy steps of a random Llama-3-8B-shaped model, batch 1, two prompts (fp32 truth: +32 GB)."""
     gen = _random_gen("llama-3-8b")
-    prompts = _prompts(2, [128, 77])
+    agreement = Agreement(gen)
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True, cycle_min_repeats=0)
-    outs = gen.generate(prompts, params)
-    for out in outs:
-        exact, outside, worst = reference_agreement(gen, out.prompt_token_ids, out.token_ids, monkeypatch)
-        print(f"8B shape: {exact}/64 exact, {outside} outside the noise band, worst margin {worst:.4f}")
-        assert outside == 0
+    for prompt in _prompts(2, [128, 77]):
+        out = gen.generate(prompt, params)
+        stats = agreement.check(out.prompt_token_ids, out.token_ids, monkeypatch)
+        print(f"8B shape: {stats}")
+        assert stats["fast_argmax"] >= 60, "generation and the teacher-forced fast path are the same computation"
+        assert stats["beyond_noise"] == 0, stats
+        assert stats["rel_fast"] <= 2 * stats["rel_ref16"], stats
