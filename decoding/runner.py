@@ -55,58 +55,58 @@ def graphs_enabled(device: torch.device) -> bool:
 class _DecodeGraphs:
     """Decode steps of up to max(GRAPH_BUCKETS) sequences, padded to the next bucket and replayed.
 
-    All buckets read one set of static buffers. The host packs a step into a pinned int32 buffer
-    (token ids | positions | slots | seq_lens | block tables); each graph starts with the copy of that
-    buffer to the device, so a step costs the host one graph launch. Padding rows have seq_len 0 and
-    slot -1: attention outputs zeros for them and nothing is written to the cache. Block-table columns
-    past a sequence's last block are never read, so only the used columns are written each step.
-    Graphs are captured lazily, the first time a bucket is needed, into one shared memory pool.
+    Every bucket's graph reads one set of device buffers: a header (token ids | positions | slots |
+    seq_lens, laid out for that bucket) and the block tables [max_batch, width]. The host packs a step
+    into one of two pinned staging buffers, copies the header and only the used block-table columns
+    (columns past a sequence's last block are never read), and replays. A staging buffer is rewritten
+    only after the copy out of it has run (an event per buffer), so steps may be queued back to back.
+    Padding rows have seq_len 0 and slot -1: attention outputs zeros for them and no cache slot is
+    written. Graphs are captured lazily, the first time a bucket is needed, into one memory pool.
     """
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
-        cache = runner.cache
-        self.cache = cache
-        self.max_seq_len = min(runner.config.max_position_embeddings, cache.num_blocks * runner.block_size)
+        self.cache = runner.cache
+        self.max_seq_len = min(runner.config.max_position_embeddings, self.cache.num_blocks * runner.block_size)
         self.width = runner.blocks_for(self.max_seq_len)
         self.max_batch = GRAPH_BUCKETS[-1]
         n, w = self.max_batch, self.width
-        self.host = torch.zeros(4 * n + n * w, dtype=torch.int32, pin_memory=True)
-        self.host_np = self.host.numpy()
-        self.dev = torch.zeros_like(self.host, device=runner.device)
+        self.hosts = [torch.zeros(4 * n + n * w, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self.events = [torch.cuda.Event() for _ in self.hosts]
+        self.turn = 0
+        self.dev_header = torch.zeros(4 * n, dtype=torch.int32, device=runner.device)
+        self.dev_tables = torch.zeros(n, w, dtype=torch.int32, device=runner.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
     def bucket(self, num_seqs: int) -> int | None:
         return next((b for b in GRAPH_BUCKETS if b >= num_seqs), None)
 
-    def _views(self, buf: torch.Tensor, bucket: int):
-        n = self.max_batch
-        ids, pos, slots, lens = (buf[i * n: i * n + bucket] for i in range(4))
-        tables = buf[4 * n:].reshape(n, self.width)[:bucket]
-        return ids, pos, slots, lens, tables
+    @staticmethod
+    def _header(buf, bucket: int):
+        """ids, positions, slots, seq_lens: views of a header laid out for `bucket` rows."""
+        return tuple(buf[i * bucket: (i + 1) * bucket] for i in range(4))
 
     def _forward(self, bucket: int) -> torch.Tensor:
-        """The captured work: unpack the step from the device buffer, run the model, compute logits."""
+        """The captured work: read the step from the device buffers, run the model, compute logits."""
         runner = self.runner
-        ids, pos, slots, lens, tables = self._views(self.dev, bucket)
+        ids, pos, slots, lens = self._header(self.dev_header, bucket)
         starts = torch.arange(bucket + 1, dtype=torch.int32, device=runner.device)
-        meta = AttentionMetadata(slots.long(), tables, lens, starts, self.max_seq_len)
+        meta = AttentionMetadata(slots.long(), self.dev_tables[:bucket], lens, starts, self.max_seq_len)
         hidden = runner.model(ids.long(), pos.long(), (self.cache.k, self.cache.v), meta)
         return runner.model.compute_logits(hidden)
 
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        ids, pos, slots, lens, _ = self._views(self.host_np, bucket)
-        ids[:], pos[:], slots[:], lens[:] = 0, 0, -1, 0  # all padding: the warm-up writes no cache slot
-        self.dev.copy_(self.host)
-        stream = torch.cuda.Stream(self.runner.device)
-        stream.wait_stream(torch.cuda.current_stream(self.runner.device))
+        device = self.runner.device
+        ids, pos, slots, lens = self._header(self.dev_header, bucket)
+        ids.zero_(), pos.zero_(), slots.fill_(-1), lens.zero_()  # all padding: the warm-up writes nothing
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             self._forward(bucket)  # warm-up: Triton compiles, cuBLAS picks its kernels, outside the capture
-        torch.cuda.current_stream(self.runner.device).wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            self.dev.copy_(self.host, non_blocking=True)
             logits = self._forward(bucket)
         return graph, logits
 
@@ -116,16 +116,27 @@ class _DecodeGraphs:
         if bucket not in self.graphs:
             self.graphs[bucket] = self._capture(bucket)
         graph, logits = self.graphs[bucket]
-        ids, pos, slots, lens, tables = self._views(self.host_np, bucket)
+        k, self.turn = self.turn, self.turn ^ 1
+        self.events[k].synchronize()  # the copy out of this staging buffer (two steps ago) has run
+        host = self.hosts[k]
+        host_np = host.numpy()
+        ids, pos, slots, lens = self._header(host_np, bucket)
+        tables = host_np[4 * self.max_batch:].reshape(self.max_batch, self.width)
         bs = self.runner.block_size
+        used_cols = 1
         for i, (table, n) in enumerate(zip(inp.block_tables, inp.seq_lens)):
             used = -(-n // bs)
+            used_cols = max(used_cols, used)
             tables[i, :used] = table[:used]
             slots[i] = table[(n - 1) // bs] * bs + (n - 1) % bs
         ids[:b] = inp.input_ids
         lens[:b] = inp.seq_lens
         pos[:b] = lens[:b] - 1
         ids[b:], pos[b:], slots[b:], lens[b:] = 0, 0, -1, 0
+        self.dev_header[: 4 * bucket].copy_(host[: 4 * bucket], non_blocking=True)
+        host_tables = host[4 * self.max_batch:].view(self.max_batch, self.width)
+        self.dev_tables[:b, :used_cols].copy_(host_tables[:b, :used_cols], non_blocking=True)
+        self.events[k].record()
         graph.replay()
         return logits[:b]
 

@@ -188,9 +188,12 @@ void launch(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const T* 
                                                                            bias, n_out, K);
   };
   using I = std::integral_constant<int, 1>;
+  // R = 2 rows per warp at M <= 2 doubles the weight bytes each lane has in flight (the fused gate/up
+  // kernel reads two rows per warp anyway): measured 2.44 -> see benches/NOTES.md on the 8B shape.
+  using RowsSmallM = std::integral_constant<int, GLU ? 1 : 2>;
   switch (M) {
-    case 1: return go(I{}, I{});
-    case 2: return go(std::integral_constant<int, 2>{}, I{});
+    case 1: return go(I{}, RowsSmallM{});
+    case 2: return go(std::integral_constant<int, 2>{}, RowsSmallM{});
     case 3: return go(std::integral_constant<int, 3>{}, I{});
     case 4: return go(std::integral_constant<int, 4>{}, I{});
     case 5: return go(std::integral_constant<int, 5>{}, I{});

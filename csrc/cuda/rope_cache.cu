@@ -4,7 +4,7 @@
 // Same contract and numerics as decoding/reference.py's rotary_embedding_ref followed by
 // reshape_and_cache_ref: rotate-half layout; cos and sin rounded to the dtype; each product and the sum
 // rounded to the dtype, as the reference's elementwise ops round them; a negative slot skips the token.
-// One block per token; threads stride over (head, pair of dims).
+// One block per (token, head), one thread per pair of rotated dims.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -29,43 +29,42 @@ __device__ __forceinline__ void rotate_pair(T& a, T& b, T c, T s) {
   b = static_cast<T>(static_cast<float>(bc) + static_cast<float>(as));
 }
 
+// Grid (token, head) over the num_heads query heads then the num_kv_heads key heads; one thread per
+// pair of dims (d, d + head_dim / 2). A key-head block also copies that head of v.
 template <typename T>
 __global__ void rope_and_cache_kernel(const int64_t* __restrict__ positions, T* __restrict__ q, int64_t q_st,
                                       int64_t q_sh, T* __restrict__ k, int64_t k_st, int64_t k_sh,
                                       const T* __restrict__ v, int64_t v_st, int64_t v_sh,
                                       const float* __restrict__ cos_sin, int64_t cs_stride, T* __restrict__ k_cache,
                                       T* __restrict__ v_cache, int64_t cache_slot_stride, int64_t cache_head_stride,
-                                      const int64_t* __restrict__ slots, int num_heads, int num_kv_heads,
-                                      int head_dim) {
+                                      const int64_t* __restrict__ slots, int num_heads, int head_dim) {
   const int64_t t = blockIdx.x;
+  const int h = blockIdx.y;
   const int half = head_dim / 2;
+  const int d = threadIdx.x;
+  if (d >= half) return;
   const float* cs = cos_sin + positions[t] * cs_stride;
+  const T c = static_cast<T>(cs[d]), s = static_cast<T>(cs[half + d]);
+  if (h < num_heads) {
+    T* p = q + t * q_st + h * q_sh;
+    rotate_pair(p[d], p[d + half], c, s);
+    return;
+  }
+  const int kh = h - num_heads;
   const int64_t slot = slots[t];
-  for (int i = threadIdx.x; i < (num_heads + num_kv_heads) * half; i += blockDim.x) {
-    const int h = i / half, d = i % half;
-    const T c = static_cast<T>(cs[d]), s = static_cast<T>(cs[half + d]);
-    if (h < num_heads) {
-      T* p = q + t * q_st + h * q_sh;
-      rotate_pair(p[d], p[d + half], c, s);
-    } else {
-      const int kh = h - num_heads;
-      T* p = k + t * k_st + kh * k_sh;
-      T a = p[d], b = p[d + half];
-      rotate_pair(a, b, c, s);
-      p[d] = a;
-      p[d + half] = b;
-      if (slot >= 0) {
-        T* dst = k_cache + slot * cache_slot_stride + kh * cache_head_stride;
-        dst[d] = a;
-        dst[d + half] = b;
-      }
-    }
-  }
-  if (slot < 0) return;
-  for (int i = threadIdx.x; i < num_kv_heads * head_dim; i += blockDim.x) {
-    const int h = i / head_dim, d = i % head_dim;
-    v_cache[slot * cache_slot_stride + h * cache_head_stride + d] = v[t * v_st + h * v_sh + d];
-  }
+  T* p = k + t * k_st + kh * k_sh;
+  T a = p[d], b = p[d + half];
+  rotate_pair(a, b, c, s);
+  p[d] = a;
+  p[d + half] = b;
+  if (slot < 0) return;  // padding: nothing goes to the cache
+  T* kdst = k_cache + slot * cache_slot_stride + kh * cache_head_stride;
+  kdst[d] = a;
+  kdst[d + half] = b;
+  const T* vsrc = v + t * v_st + kh * v_sh;
+  T* vdst = v_cache + slot * cache_slot_stride + kh * cache_head_stride;
+  vdst[d] = vsrc[d];
+  vdst[d + half] = vsrc[d + half];
 }
 
 void check_qkv(const at::Tensor& t, const at::Tensor& q, const char* name, int64_t tokens, int64_t head_dim) {
@@ -108,16 +107,17 @@ void rope_and_cache(const at::Tensor& positions, at::Tensor& q, at::Tensor& k, c
   const c10::cuda::CUDAGuard device_guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int heads = static_cast<int>(q.size(1)), kv_heads = static_cast<int>(k.size(1));
-  const int work = (heads + kv_heads) * static_cast<int>(head_dim / 2);
-  const int threads = work >= 256 ? 256 : ((work + 31) / 32) * 32;
+  TORCH_CHECK(head_dim <= 2048, "head_dim over 2048 is not supported, got ", head_dim);
+  const int threads = ((static_cast<int>(head_dim / 2) + 31) / 32) * 32;
+  const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(heads + kv_heads));
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    rope_and_cache_kernel<T><<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
+    rope_and_cache_kernel<T><<<grid, threads, 0, stream>>>(
         positions.const_data_ptr<int64_t>(), q.data_ptr<T>(), q.stride(0), q.stride(1), k.data_ptr<T>(),
         k.stride(0), k.stride(1), v.const_data_ptr<T>(), v.stride(0), v.stride(1),
         cos_sin_cache.const_data_ptr<float>(), cos_sin_cache.stride(0), k_cache.data_ptr<T>(),
         v_cache.data_ptr<T>(), k_cache.stride(1), k_cache.stride(2), slot_mapping.const_data_ptr<int64_t>(), heads,
-        kv_heads, static_cast<int>(head_dim));
+        static_cast<int>(head_dim));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
