@@ -57,8 +57,9 @@ class _DecodeGraphs:
 
     Every bucket's graph reads one set of device buffers: a header (token ids | positions | slots |
     seq_lens, laid out for that bucket) and the block tables [max_batch, width]. The host packs a step
-    into one of two pinned staging buffers, copies the header and only the used block-table columns
-    (columns past a sequence's last block are never read), and replays. A staging buffer is rewritten
+    (header, then the block tables cut to the columns in use: columns past a sequence's last block are
+    never read) into one of two pinned staging buffers, copies it to the device in one transfer, spreads
+    it into the graph's buffers there, and replays. A staging buffer is rewritten
     only after the copy out of it has run (an event per buffer), so steps may be queued back to back.
     Padding rows have seq_len 0 and slot -1: attention outputs zeros for them and no cache slot is
     written. Graphs are captured lazily, the first time a bucket is needed, into one memory pool.
@@ -74,6 +75,7 @@ class _DecodeGraphs:
         self.hosts = [torch.zeros(4 * n + n * w, dtype=torch.int32, pin_memory=True) for _ in range(2)]
         self.events = [torch.cuda.Event() for _ in self.hosts]
         self.turn = 0
+        self.dev_staging = torch.zeros(4 * n + n * w, dtype=torch.int32, device=runner.device)
         self.dev_header = torch.zeros(4 * n, dtype=torch.int32, device=runner.device)
         self.dev_tables = torch.zeros(n, w, dtype=torch.int32, device=runner.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -121,22 +123,23 @@ class _DecodeGraphs:
         host = self.hosts[k]
         host_np = host.numpy()
         ids, pos, slots, lens = self._header(host_np, bucket)
-        tables = host_np[4 * self.max_batch:].reshape(self.max_batch, self.width)
         bs = self.runner.block_size
-        used_cols = 1
+        cols = -(-max(inp.seq_lens) // bs)  # block-table columns in use
+        base = 4 * bucket
+        tables = host_np[base: base + b * cols].reshape(b, cols)  # packed [b, cols] after the header
         for i, (table, n) in enumerate(zip(inp.block_tables, inp.seq_lens)):
             used = -(-n // bs)
-            used_cols = max(used_cols, used)
             tables[i, :used] = table[:used]
             slots[i] = table[(n - 1) // bs] * bs + (n - 1) % bs
         ids[:b] = inp.input_ids
         lens[:b] = inp.seq_lens
         pos[:b] = lens[:b] - 1
         ids[b:], pos[b:], slots[b:], lens[b:] = 0, 0, -1, 0
-        self.dev_header[: 4 * bucket].copy_(host[: 4 * bucket], non_blocking=True)
-        host_tables = host[4 * self.max_batch:].view(self.max_batch, self.width)
-        self.dev_tables[:b, :used_cols].copy_(host_tables[:b, :used_cols], non_blocking=True)
+        # one contiguous copy from pinned memory, then the tables spread into their rows on the device
+        self.dev_staging[: base + b * cols].copy_(host[: base + b * cols], non_blocking=True)
         self.events[k].record()
+        self.dev_header[:base].copy_(self.dev_staging[:base])
+        self.dev_tables[:b, :cols].copy_(self.dev_staging[base: base + b * cols].view(b, cols))
         graph.replay()
         return logits[:b]
 
