@@ -58,8 +58,8 @@ class _DecodeGraphs:
     Every bucket's graph reads one set of device buffers: a header (token ids | positions | slots |
     seq_lens, laid out for that bucket) and the block tables [max_batch, width]. The host packs a step
     (header, then the block tables cut to the columns in use: columns past a sequence's last block are
-    never read) into one of two pinned staging buffers, copies it to the device in one transfer, spreads
-    it into the graph's buffers there, and replays. A staging buffer is rewritten
+    never read) into one of two pinned staging buffers and copies it to the device in one transfer; the
+    graphs read the header where it lands, and the tables are spread into their rows on the device. A staging buffer is rewritten
     only after the copy out of it has run (an event per buffer), so steps may be queued back to back.
     Padding rows have seq_len 0 and slot -1: attention outputs zeros for them and no cache slot is
     written. Graphs are captured lazily, the first time a bucket is needed, into one memory pool.
@@ -76,7 +76,6 @@ class _DecodeGraphs:
         self.events = [torch.cuda.Event() for _ in self.hosts]
         self.turn = 0
         self.dev_staging = torch.zeros(4 * n + n * w, dtype=torch.int32, device=runner.device)
-        self.dev_header = torch.zeros(4 * n, dtype=torch.int32, device=runner.device)
         self.dev_tables = torch.zeros(n, w, dtype=torch.int32, device=runner.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -92,7 +91,7 @@ class _DecodeGraphs:
     def _forward(self, bucket: int) -> torch.Tensor:
         """The captured work: read the step from the device buffers, run the model, compute logits."""
         runner = self.runner
-        ids, pos, slots, lens = self._header(self.dev_header, bucket)
+        ids, pos, slots, lens = self._header(self.dev_staging, bucket)
         starts = torch.arange(bucket + 1, dtype=torch.int32, device=runner.device)
         meta = AttentionMetadata(slots.long(), self.dev_tables[:bucket], lens, starts, self.max_seq_len)
         hidden = runner.model(ids.long(), pos.long(), (self.cache.k, self.cache.v), meta)
@@ -100,7 +99,7 @@ class _DecodeGraphs:
 
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         device = self.runner.device
-        ids, pos, slots, lens = self._header(self.dev_header, bucket)
+        ids, pos, slots, lens = self._header(self.dev_staging, bucket)
         ids.zero_(), pos.zero_(), slots.fill_(-1), lens.zero_()  # all padding: the warm-up writes nothing
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -138,7 +137,6 @@ class _DecodeGraphs:
         # one contiguous copy from pinned memory, then the tables spread into their rows on the device
         self.dev_staging[: base + b * cols].copy_(host[: base + b * cols], non_blocking=True)
         self.events[k].record()
-        self.dev_header[:base].copy_(self.dev_staging[:base])
         self.dev_tables[:b, :cols].copy_(self.dev_staging[base: base + b * cols].view(b, cols))
         graph.replay()
         return logits[:b]
