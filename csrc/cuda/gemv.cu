@@ -20,6 +20,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 namespace decoding {
 namespace {
@@ -63,6 +65,14 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
   return v;
 }
 
+// Programmatic dependent launch (sm_90+): wait until the preceding kernel in the stream has completed
+// and its writes are visible. A no-op when the kernel was launched without the attribute.
+__device__ __forceinline__ void grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -97,6 +107,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
     for (int m = 0; m < M; ++m) acc[j][m] = 0.f;
 
   constexpr int kStep = kWarpSize * kChunk;  // elements a warp covers with one load per lane
+  bool waited = false;
   for (int base = lane * kChunk; base < K; base += U * kStep) {
     uint4 wv[U][NW];
 #pragma unroll
@@ -104,6 +115,12 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
       const int k = base + u * kStep;
 #pragma unroll
       for (int j = 0; j < NW; ++j) wv[u][j] = k < K ? load_stream(rows[j] + k) : make_uint4(0, 0, 0, 0);
+    }
+    if (!waited) {
+      // Launched with programmatic dependent launch: the first weight loads above overlap the end of
+      // the kernel before; x, which that kernel writes, is read only after it has completed.
+      grid_dependency_wait();
+      waited = true;
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -147,6 +164,19 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   }
 }
 
+// Programmatic dependent launch on sm_90+ unless DECODING_PDL=0 (read once).
+bool pdl_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("DECODING_PDL");
+    if (env != nullptr && std::string(env) == "0") return false;
+    int device = 0, major = 0;
+    if (cudaGetDevice(&device) != cudaSuccess) return false;
+    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+    return major >= 9;
+  }();
+  return enabled;
+}
+
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
 
 void check_gemv_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w, int64_t n_out, bool glu) {
@@ -183,9 +213,17 @@ void launch(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const T* 
     constexpr int kW = (GLU ? 2 : 1) * kR * kM;
     constexpr int kU = kW <= 2 ? 8 : (kW < 8 ? 4 : 2);
     const int rows_per_block = kWarps * kR;
-    const unsigned grid = static_cast<unsigned>((n_out + rows_per_block - 1) / rows_per_block);
-    gemv_kernel<T, kM, kR, kU, GLU><<<grid, kWarps * kWarpSize, 0, stream>>>(y, out.stride(0), xp, x.stride(0), wp,
-                                                                           bias, n_out, K);
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(static_cast<unsigned>((n_out + rows_per_block - 1) / rows_per_block));
+    cfg.blockDim = dim3(kWarps * kWarpSize);
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<T, kM, kR, kU, GLU>, y, out.stride(0), xp, x.stride(0), wp,
+                                      bias, n_out, K));
   };
   using I = std::integral_constant<int, 1>;
   // R = 2 rows per warp at M <= 2 doubles the weight bytes each lane has in flight (the fused gate/up
