@@ -82,12 +82,16 @@ def _ext_fused_add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: to
     torch.ops.decoding.fused_add_rms_norm(x, residual, weight, eps)
 
 
-GEMV_MAX_ROWS = 8  # decoding::gemv takes up to this many rows of activations; more go to cuBLAS
+# Rows of activations up to which decoding::gemv / gemv_silu_mul beat cuBLAS on the Llama-3 8B and 1B
+# projections (benches/bench_gemv.py, H100: at M = 4 and 8 cuBLAS's tensor-core kernels win, except for
+# the fused gate/up at M = 4). The kernels themselves take up to 8 rows.
+GEMV_MAX_ROWS = 2
+GEMV_SILU_MUL_MAX_ROWS = 4
 
 
-def _gemv_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _gemv_ok(x: torch.Tensor, weight: torch.Tensor, max_rows: int = GEMV_MAX_ROWS) -> bool:
     """Whether decoding::gemv takes these operands (else the caller uses F.linear)."""
-    return (x.dim() == 2 and 1 <= x.shape[0] <= GEMV_MAX_ROWS and x.dtype in (torch.bfloat16, torch.float16)
+    return (x.dim() == 2 and 1 <= x.shape[0] <= max_rows and x.dtype in (torch.bfloat16, torch.float16)
             and weight.dtype == x.dtype and x.shape[1] % 8 == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0
             and weight.is_contiguous() and x.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0)
 
@@ -101,7 +105,7 @@ def _ext_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _ext_linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    if not _gemv_ok(x, weight):
+    if not _gemv_ok(x, weight, GEMV_SILU_MUL_MAX_ROWS):
         return silu_and_mul(torch.nn.functional.linear(x, weight))
     out = torch.empty(x.shape[0], weight.shape[0] // 2, dtype=x.dtype, device=x.device)
     torch.ops.decoding.gemv_silu_mul(out, x, weight)

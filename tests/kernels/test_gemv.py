@@ -63,13 +63,13 @@ def test_gemv_silu_mul_matches_reference(shape, m, dtype):
 @needs_ext
 def test_gemv_strided_rows_and_fallbacks():
     """x may be a row-strided view (e.g. one slice of a wider buffer); ops.linear sends shapes the kernel
-    does not take (M > 8, K not a multiple of 8, fp32) to F.linear."""
+    does not take (more rows than ops.GEMV_MAX_ROWS, K not a multiple of 8, fp32) to F.linear."""
     torch.manual_seed(0)
     buf = torch.randn(4, 3072, device="cuda", dtype=torch.bfloat16)
     x = buf[:, :2048]
     w = (torch.randn(512, 2048, device="cuda") * 0.02).to(torch.bfloat16)
     torch.testing.assert_close(ops.linear(x, w).float(), linear_ref(x, w).float(), rtol=2**-7, atol=1e-3)
-    for xx, ww in [(torch.randn(9, 64, device="cuda", dtype=torch.bfloat16), w[:, :64]),
+    for xx, ww in [(torch.randn(ops.GEMV_MAX_ROWS + 1, 64, device="cuda", dtype=torch.bfloat16), w[:, :64]),
                    (torch.randn(2, 60, device="cuda", dtype=torch.bfloat16), w[:, :60].contiguous()),
                    (torch.randn(2, 64, device="cuda"), w[:, :64].float())]:
         torch.testing.assert_close(ops.linear(xx, ww), torch.nn.functional.linear(xx, ww))
