@@ -1,13 +1,14 @@
 """Paged GQA attention: a Triton split-K (flash-decoding) kernel for decode, SDPA for prefill.
 
-Decode (one new query token per sequence): the context is cut into partitions of PART tokens; one
-program per (sequence, KV head, partition) loads the GROUP query heads sharing the KV head (padded to
+Decode (one new query token per sequence): each sequence's context is cut into at most NUM_PARTS
+partitions of at least MIN_PART tokens, sized from its own length on the device; one program per
+(sequence, KV head, partition) loads the GROUP query heads sharing the KV head (padded to
 16 rows for tl.dot), walks its partition BLOCK_N tokens at a time through the block table with an
 online softmax (fp32 scores, max and sum), and leaves an unnormalised partial (max, sum, acc). A second
 kernel merges the partials of each (sequence, head). With one partition the first kernel writes the
 output itself. No host sync: lengths and block tables are read on the device, and the partition count
 is fixed by a host-side bound on the context (`max_seq_len`), so the launch can be captured in a CUDA
-graph; partitions past a sequence's end exit at once. A sequence of length 0 (padding) outputs zeros.
+graph; a short sequence uses few partitions and the rest exit at once. A sequence of length 0 (padding) outputs zeros.
 
 Numerics: q·k in fp32 (tensor cores with fp32 accumulation for 16-bit inputs; IEEE fp32 for fp32
 inputs, and for every dtype under the CPU interpreter, whose tl.dot mishandles bf16), softmax weights rounded to the value dtype before p·v (as flash attention does), output in
@@ -25,23 +26,20 @@ import triton
 import triton.language as tl
 
 BLOCK_N = 64  # tokens per inner step
-MAX_PARTS = 128  # partitions per sequence at most; PART grows for longer contexts
+MAX_PARTS = 64  # partitions per sequence at most
 MIN_PART = 128  # tokens per partition at least
 
 
-def partition_size(max_seq_len: int) -> int:
-    """Tokens per partition for contexts up to max_seq_len: MIN_PART, doubled until MAX_PARTS cover it."""
-    part = MIN_PART
-    while part * MAX_PARTS < max_seq_len:
-        part *= 2
-    return part
+def num_partitions(max_seq_len: int) -> int:
+    """Partitions per sequence for contexts up to max_seq_len (fixed at launch, so graph-capturable)."""
+    return max(1, min(MAX_PARTS, -(-max_seq_len // MIN_PART)))
 
 
 @triton.jit
 def _decode_part_kernel(q_ptr, k_ptr, v_ptr, out_ptr, pm_ptr, pl_ptr, pacc_ptr, tables_ptr, seq_lens_ptr,
                         scale, window, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
                         kc_stride_b, kc_stride_s, kc_stride_h, tables_stride,
-                        NUM_HEADS: tl.constexpr, NUM_PARTS: tl.constexpr, PART: tl.constexpr,
+                        NUM_HEADS: tl.constexpr, NUM_PARTS: tl.constexpr, MIN_PART: tl.constexpr,
                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
                         IEEE: tl.constexpr):
@@ -52,8 +50,9 @@ def _decode_part_kernel(q_ptr, k_ptr, v_ptr, out_ptr, pm_ptr, pl_ptr, pacc_ptr, 
     start_tok = 0
     if HAS_WINDOW:  # the query sits at position seq_len - 1 and sees keys with distance < window
         start_tok = tl.maximum(seq_len - window, 0)
-    lo = part * PART
-    hi = tl.minimum(lo + PART, seq_len)
+    part_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_PARTS), BLOCK_N) * BLOCK_N, MIN_PART)
+    lo = part * part_len
+    hi = tl.minimum(lo + part_len, seq_len)
     rows = tl.arange(0, GROUP_PAD)
     heads = kv_head * GROUP + rows
     head_mask = rows < GROUP
@@ -110,8 +109,8 @@ def _decode_part_kernel(q_ptr, k_ptr, v_ptr, out_ptr, pm_ptr, pl_ptr, pacc_ptr, 
 
 @triton.jit
 def _merge_kernel(out_ptr, pm_ptr, pl_ptr, pacc_ptr, seq_lens_ptr, window, o_stride_t, o_stride_h,
-                  NUM_HEADS: tl.constexpr, NUM_PARTS: tl.constexpr, PART: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr):
+                  NUM_HEADS: tl.constexpr, NUM_PARTS: tl.constexpr, MIN_PART: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_WINDOW: tl.constexpr):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -119,8 +118,9 @@ def _merge_kernel(out_ptr, pm_ptr, pl_ptr, pacc_ptr, seq_lens_ptr, window, o_str
     if HAS_WINDOW:
         start_tok = tl.maximum(seq_len - window, 0)
     parts = tl.arange(0, NUM_PARTS)
-    lo = parts * PART
-    live = tl.minimum(lo + PART, seq_len) > tl.maximum(lo, start_tok)  # the partitions that ran
+    part_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_PARTS), BLOCK_N) * BLOCK_N, MIN_PART)  # as the kernel
+    lo = parts * part_len
+    live = tl.minimum(lo + part_len, seq_len) > tl.maximum(lo, start_tok)  # the partitions that ran
     base = (seq * NUM_HEADS + head) * NUM_PARTS
     pm = tl.load(pm_ptr + base + parts, mask=live, other=float("-inf"))
     pl = tl.load(pl_ptr + base + parts, mask=live, other=0.0)
@@ -149,8 +149,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     assert head_dim == triton.next_power_of_2(head_dim) and block_size == triton.next_power_of_2(block_size)
     if max_seq_len is None:
         max_seq_len = int(seq_lens.max()) if num_seqs else 1
-    part = partition_size(max_seq_len)
-    num_parts = max(1, triton.cdiv(max_seq_len, part))
+    num_parts = num_partitions(max_seq_len)
     num_parts_pad = triton.next_power_of_2(num_parts)
     group = num_heads // num_kv_heads
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -164,14 +163,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         q, k_cache, v_cache, out, pm, pl, pacc, block_tables, seq_lens, scale, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
         k_cache.stride(2), block_tables.stride(0),
-        NUM_HEADS=num_heads, NUM_PARTS=num_parts_pad if num_parts > 1 else 1, PART=part,
+        NUM_HEADS=num_heads, NUM_PARTS=num_parts_pad if num_parts > 1 else 1, MIN_PART=MIN_PART,
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, BLOCK_N=min(BLOCK_N, part), HAS_WINDOW=sliding_window is not None,
+        BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, HAS_WINDOW=sliding_window is not None,
         IEEE=q.dtype == torch.float32 or q.device.type == "cpu", num_warps=4)
     if num_parts > 1:
         _merge_kernel[(num_seqs, num_heads)](
             out, pm, pl, pacc, seq_lens, sliding_window or 0, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, NUM_PARTS=num_parts_pad, PART=part, HEAD_DIM=head_dim,
+            NUM_HEADS=num_heads, NUM_PARTS=num_parts_pad, MIN_PART=MIN_PART, BLOCK_N=BLOCK_N, HEAD_DIM=head_dim,
             HAS_WINDOW=sliding_window is not None, num_warps=4)
     return out
 
