@@ -26,8 +26,9 @@ from decoding.sequence import Sequence
 class SchedulerConfig:
     """How the engine batches requests and sizes its KV cache (all optional keywords of Generator)."""
 
-    max_num_seqs: int = 256
-    """Most sequences in the running batch (decoding or prefilling, candidates counted one by one), >= 1."""
+    max_num_seqs: int | None = None
+    """Most sequences in the running batch (decoding or prefilling, candidates counted one by one), >= 1;
+    None: 256, or max_num_batched_tokens if that is smaller."""
     max_num_batched_tokens: int = 512
     """Token budget of one step: one per decoding sequence plus the prefill chunks (>= max_num_seqs).
     Smaller keeps inter-token latency low while prompts are prefilled; larger prefills faster."""
@@ -45,6 +46,9 @@ class SchedulerConfig:
     them finish (static batching). None (default) is continuous batching."""
 
     def __post_init__(self) -> None:
+        if self.max_num_seqs is None:
+            self.max_num_seqs = min(256, self.max_num_batched_tokens) if isinstance(
+                self.max_num_batched_tokens, int) else 256
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
