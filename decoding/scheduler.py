@@ -94,6 +94,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last ones are the newest
         self._order = 0  # admission counter (seq.order)
+        self._step = 0  # schedule() calls (seq.scheduled_step)
         self.num_preemptions = 0
         self.prefix_queried_tokens = 0
         self.prefix_hit_tokens = 0
@@ -116,28 +117,31 @@ class Scheduler:
     # ------------------------------------------------------------------ one step
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._step += 1
         budget = self.config.max_num_batched_tokens
-        scheduled: set[int] = set()
+        bs = self.block_size
         for seq in [s for s in self.running if s.decoding]:  # 1. decodes, oldest first
-            if id(seq) in scheduled or seq not in self.running:
+            if not seq.running:  # preempted for an older one this step
                 continue
-            while self._new_blocks(seq, 1) > self.pool.num_free:
-                victim = self._newest_unscheduled(scheduled)
-                self._preempt(victim, out)
-                if victim is seq:
-                    break
-            if seq.decoding and seq in self.running:
-                self._schedule(seq, 1, out, scheduled)
-                budget -= 1
+            if seq.num_computed >= len(seq.blocks) * bs:  # its next token starts a new block
+                while self.pool.num_free == 0:
+                    victim = self._newest_unscheduled()
+                    self._preempt(victim, out)
+                    if victim is seq:
+                        break
+                if not seq.running:
+                    continue
+            self._schedule(seq, 1, out)
+            budget -= 1
         starved = False
         for seq in [s for s in self.running if not s.decoding]:  # 2. prefills under way, oldest first
             if budget == 0:
                 break
-            if seq not in self.running:
+            if not seq.running:
                 continue
             n = self._fit(seq, budget)
             while n == 0:
-                victim = self._newest_unscheduled(scheduled)
+                victim = self._newest_unscheduled()
                 if victim is seq or victim.order < seq.order:
                     break
                 self._preempt(victim, out)
@@ -145,13 +149,13 @@ class Scheduler:
             if n == 0:
                 starved = True
                 continue
-            self._schedule(seq, n, out, scheduled)
+            self._schedule(seq, n, out)
             budget -= n
         if not (starved or out.preempted):  # 3. admissions
-            self._admit(budget, out, scheduled)
+            self._admit(budget, out)
         return out
 
-    def _admit(self, budget: int, out: SchedulerOutput, scheduled: set[int]) -> None:
+    def _admit(self, budget: int, out: SchedulerOutput) -> None:
         static = self.config.static_batch_size
         if static is not None and self.running:
             return
@@ -174,13 +178,14 @@ class Scheduler:
                 seq.blocks, seq.num_computed, seq.chain = [], 0, []
                 return
             self.waiting.popleft()
+            seq.running = True
             self.prefix_queried_tokens += seq.num_tokens
             self.prefix_hit_tokens += seq.num_computed
             seq.order, self._order = self._order, self._order + 1
             self.running.append(seq)
             admitted += size
             if n:
-                self._schedule(seq, n, out, scheduled)
+                self._schedule(seq, n, out)
                 budget -= n
 
     def _match(self, seq: Sequence) -> list[int]:
@@ -217,7 +222,7 @@ class Scheduler:
         n = min(n, room, seq.num_tokens - seq.num_computed - 1 if seq.forks else n)
         return max(0, n)
 
-    def _schedule(self, seq: Sequence, n: int, out: SchedulerOutput, scheduled: set[int]) -> None:
+    def _schedule(self, seq: Sequence, n: int, out: SchedulerOutput) -> None:
         grow = blocks_for(seq.num_computed + n, self.block_size) - len(seq.blocks)
         if grow > 0:
             seq.blocks = seq.blocks + self.pool.allocate(grow)
@@ -232,17 +237,18 @@ class Scheduler:
                 item.forks.append((fork, copy))
             seq.forks = []
         out.scheduled.append(item)
-        scheduled.add(id(seq))
+        seq.scheduled_step = self._step
 
-    def _newest_unscheduled(self, scheduled: set[int]) -> Sequence:
+    def _newest_unscheduled(self) -> Sequence:
         for seq in reversed(self.running):
-            if id(seq) not in scheduled:
+            if seq.scheduled_step != self._step:
                 return seq
         raise AssertionError("no sequence left to preempt")  # the current one is always unscheduled
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Free seq's blocks and put it first in line: it is recomputed (prompt + output so far) later."""
         self.running.remove(seq)
+        seq.running = False
         self.pool.free(seq.blocks)
         seq.blocks, seq.chain, seq.num_computed = [], [], 0
         if seq.decoding:
@@ -268,6 +274,7 @@ class Scheduler:
                 for fork, _ in item.forks:
                     fork.num_computed, fork.chain, fork.decoding = seq.num_computed, list(seq.chain), True
                     fork.order, self._order = self._order, self._order + 1
+                    fork.running = True
                     self.running.append(fork)
                     joined.append(fork)
         return joined
@@ -289,7 +296,7 @@ class Scheduler:
             self.waiting = deque(s for s in self.waiting if id(s) not in gone)
         for seq in seqs:
             self.pool.free(seq.blocks)
-            seq.blocks, seq.decoding = [], False
+            seq.blocks, seq.decoding, seq.running = [], False, False
             for fork in seq.forks:  # candidates that never forked hold nothing
                 fork.blocks = []
             seq.forks = []

@@ -76,6 +76,9 @@ class Sequence:
         self.num_computed = 0  # leading tokens of prompt + output whose KV is in the cache
         self.chain: list[int] = []  # prefix-cache entry ids of its leading full blocks
         self.decoding = False  # has a sampler row: its prompt (and any recomputed output) is in the cache
+        self.running = False  # in the scheduler's running batch
+        self.order = 0  # admission order (newest runs last, is preempted first)
+        self.scheduled_step = -1  # the last scheduler step that gave it tokens
         self.forks: list[Sequence] = []  # candidates that take a copy of this one's KV once its prompt is in
         self.token_times: list[float] = []  # perf_counter() at each generated token
         self.request = None  # the engine's Request this candidate belongs to
