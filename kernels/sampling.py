@@ -315,7 +315,8 @@ def sample_tokens_graphed(logits: torch.Tensor, state) -> torch.Tensor:
         # All graphs of a state share one memory pool: they replay one at a time on one stream, each
         # rewrites its scratch before reading it, and each output is cloned before the next replay.
         pool = state.fused_graphs.setdefault("pool", torch.cuda.graph_pool_handle())
-        with torch.cuda.graph(g, pool=pool):
+        # thread_local: the engine thread captures while caller threads may touch CUDA (e.g. a tensor .to()).
+        with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
             static_out = sample_tokens_split(static_in, state)
         # Capturing records the launches without running them: the state has not advanced yet.
         graph = (g, static_in, static_out)
