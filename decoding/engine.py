@@ -281,6 +281,8 @@ class Engine:
         self._drop_rows(out.preempted)
         items = out.scheduled
         if not items:
+            if not out.preempted:  # would spin: a scheduler bug, failed loudly by the loop rather than hung
+                raise RuntimeError("the scheduler made no progress")
             return
         try:
             inp = StepInput([it.seq.blocks for it in items], [it.seq.num_computed + it.num_tokens for it in items],

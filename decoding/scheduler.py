@@ -135,7 +135,7 @@ class Scheduler:
             budget -= 1
         starved = False
         for seq in [s for s in self.running if not s.decoding]:  # 2. prefills under way, oldest first
-            if budget == 0:
+            if budget <= 0:
                 break
             if not seq.running:
                 continue
@@ -160,20 +160,23 @@ class Scheduler:
         if static is not None and self.running:
             return
         admitted = 0
+        # Candidates yet to fork count too, and those forking after this step (they join at step_done).
+        seats = (len(self.running) + sum(len(s.forks) for s in self.running)
+                 + sum(len(it.forks) for it in out.scheduled))
         while self.waiting:
             seq = self.waiting[0]
             size = 1 + len(seq.forks)
-            if len(self.running) + size > self.config.max_num_seqs or (static is not None and admitted and admitted + size > static):
+            if seats + size > self.config.max_num_seqs or (static is not None and admitted and admitted + size > static):
                 return
-            if budget == 0 and static is None:
+            if budget <= 0 and static is None:
                 return
             matched = self._match(seq)
             for block in matched:
                 self.pool.take(block)
             seq.blocks, seq.num_computed = matched, len(matched) * self.block_size
             reserve = self.watermark_blocks if self.running else 0
-            n = self._fit(seq, budget, reserve) if budget else 0
-            if n == 0 and not (static is not None and budget == 0):
+            n = self._fit(seq, budget, reserve) if budget > 0 else 0
+            if n == 0 and not (static is not None and budget <= 0):
                 self.pool.free(seq.blocks)
                 seq.blocks, seq.num_computed, seq.chain = [], 0, []
                 return
@@ -184,6 +187,7 @@ class Scheduler:
             seq.order, self._order = self._order, self._order + 1
             self.running.append(seq)
             admitted += size
+            seats += size
             if n:
                 self._schedule(seq, n, out)
                 budget -= n
