@@ -272,7 +272,7 @@ class Engine:
             raise CacheExhausted(f"needs {num_blocks} KV blocks, the whole cache has {pool.num_blocks}")
         out = SchedulerOutput()
         while pool.num_free < num_blocks and self.scheduler.running:
-            self.scheduler._preempt(self.scheduler.running[-1], out)
+            self.scheduler.preempt(self.scheduler.running[-1], out)
         self._drop_rows(out.preempted)
 
     def _step(self) -> None:

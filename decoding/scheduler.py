@@ -126,7 +126,7 @@ class Scheduler:
             if seq.num_computed >= len(seq.blocks) * bs:  # its next token starts a new block
                 while self.pool.num_free == 0:
                     victim = self._newest_unscheduled()
-                    self._preempt(victim, out)
+                    self.preempt(victim, out)
                     if victim is seq:
                         break
                 if not seq.running:
@@ -144,7 +144,7 @@ class Scheduler:
                 victim = self._newest_unscheduled()
                 if victim is seq or victim.order < seq.order:
                     break
-                self._preempt(victim, out)
+                self.preempt(victim, out)
                 n = self._fit(seq, budget)
             if n == 0:
                 starved = True
@@ -249,7 +249,7 @@ class Scheduler:
                 return seq
         raise AssertionError("no sequence left to preempt")  # the current one is always unscheduled
 
-    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+    def preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         """Free seq's blocks and put it first in line: it is recomputed (prompt + output so far) later."""
         self.running.remove(seq)
         seq.running = False

@@ -145,3 +145,18 @@ def test_process_exits_without_close(tmp_path):
                             env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "3"
+
+
+def test_bad_options_and_params_are_refused(gen):
+    from decoding import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match="unknown Generator option\\(s\\) \\['max_seqs'\\]"):
+        Generator(gen.model, gen.tokenizer, max_seqs=4)
+    with pytest.raises(InvalidRequest, match="2 SamplingParams for 3 prompts"):
+        gen.generate(["a", "b", "c"], [GREEDY, GREEDY])
+    small = Generator(gen.model, gen.tokenizer, max_num_seqs=2, max_num_batched_tokens=8)
+    with pytest.raises(InvalidRequest, match="3 candidates; at most max_num_seqs \\(2\\)"):
+        small.generate("a", SamplingParams(n=3))
+    small.close()
+    with pytest.raises(DecodingError, match="closed"):
+        small.generate("a")
