@@ -12,7 +12,9 @@ step is slower than both, so the sampler's share of it is at most what is printe
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -108,6 +110,44 @@ def implementations_ms() -> dict[str, float]:
     return times
 
 
+def composition_change_us(steps: int = 20) -> dict[str, float]:
+    """Continuous batching changes the batch at almost every step (a request finishes, another joins).
+    One sampler step after such a change, host-synchronised wall time (median of `steps`):
+    - "recapture": a SamplingState built for each composition, so the fused sampler captures a new CUDA
+      graph every step (what the per-composition graph cost before rows could be added and removed);
+    - "bucketed": one state whose rows are removed and added in place, padded to the batch-size bucket,
+      replaying the graph captured once for that bucket."""
+    params, vocab = mixed_params(), VOCAB
+    prompts = [list(range(i, i + 128)) for i in range(BATCH)]
+    logits = torch.randn(BATCH, vocab, device="cuda") * 3
+
+    def timed(fn) -> float:
+        times = []
+        for k in range(steps + 2):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn(k)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[2:]) * 1e6
+
+    def recapture(k: int) -> None:
+        rows = params[k % 4:] + params[: k % 4]
+        state = SamplingState(rows, [p.temperature for p in rows], [p.seed for p in rows], prompts, vocab, "cuda")
+        sample(logits, state)
+
+    state = SamplingState(params, [p.temperature for p in params], [p.seed for p in params], prompts, vocab, "cuda",
+                          capacity=64, pad_to_bucket=True)
+
+    def bucketed(k: int) -> None:
+        state.remove([k % BATCH])
+        p = params[k % BATCH]
+        state.add(p, p.temperature, p.seed, prompts[k % BATCH], output_ids=list(range(k)))
+        sample(logits, state)
+
+    return {"recapture_us": timed(recapture), "bucketed_us": timed(bucketed)}
+
+
 def report() -> dict:
     copy_gbps = copy_bandwidth_gbps()
     floor_ms = weight_bytes() / (copy_gbps * 1e9) * 1e3
@@ -116,7 +156,7 @@ def report() -> dict:
     return {"device": torch.cuda.get_device_name(), "copy_GBps": copy_gbps, "sampler_ms": sampler_ms,
             "step_floor_ms": floor_ms, "step_matmuls_ms": matmul_ms,
             "pct_of_floor": 100 * sampler_ms / floor_ms, "pct_of_matmuls": 100 * sampler_ms / matmul_ms,
-            "implementations_ms": implementations_ms()}
+            "implementations_ms": implementations_ms(), "composition_change": composition_change_us()}
 
 
 @pytest.mark.gpu
@@ -136,3 +176,7 @@ if __name__ == "__main__":
           f"(target < 5%)")
     for name, ms in r["implementations_ms"].items():
         print(f"  {name:<16} {ms * 1e3:8.0f} us = {100 * ms / r['step_floor_ms']:5.1f}% of the floor")
+    c = r["composition_change"]
+    print(f"a step after the batch changed (one row out, one in), wall time: {c['recapture_us']:.0f} us with a "
+          f"graph captured per composition, {c['bucketed_us']:.0f} us with rows added/removed in a bucketed state "
+          f"({c['recapture_us'] / c['bucketed_us']:.1f}x)")

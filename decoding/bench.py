@@ -67,7 +67,7 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
     return total
 
 
-def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0, **engine_options):
     """A Generator over random weights (std 0.02, norms 1) and a placeholder tokenizer of config's vocab."""
     import tokenizers
 
@@ -86,7 +86,7 @@ def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dty
     vocab = {f"<{i}>": i for i in range(config.vocab_size)}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<0>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return Generator(model, Tokenizer(tok, []))
+    return Generator(model, Tokenizer(tok, []), **engine_options)
 
 
 @dataclass
@@ -118,51 +118,48 @@ def run(shape: str, batch: int = 1, prompt: int = 128, new: int = 256, device: s
 
     dev, dt = resolve_device_dtype(device, dtype)
     config = preset_config(shape)
+    # One step prefills the whole batch, so every sequence then decodes in lockstep, as in a static batch.
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     t_start = time.perf_counter()
-    gen = random_generator(config, dev, dt)
+    gen = random_generator(config, dev, dt, max_num_seqs=batch, max_num_batched_tokens=max(batch * prompt, 256))
     ids = torch.randint(0, config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1)).tolist()
     prompts = [" ".join(f"<{i}>" for i in row) for row in ids]
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, cycle_min_repeats=0)
-    # Warm-up on the same requests, stopped after a few steps: the KV cache gets its final size, Triton
-    # compiles and the decode graph of this batch's bucket is captured, all before the timed run.
-    warm = gen._run(gen._make_requests(prompts, params))
-    for i, _ in enumerate(warm):
-        if i == batch:  # the first token out of a decode step (the one before came from the prefill)
-            sync()
-            startup_s = time.perf_counter() - t_start  # Generator creation to it: capture included
-        if i >= 3 * batch:
-            break
-    warm.close()
+    # Warm-up on the same batch, two tokens each: Triton compiles and the decode graph of this batch's
+    # bucket is captured (the KV pool is allocated once), all before the timed run.
+    gen.generate(prompts, params.replace(max_tokens=2))
+    sync()
+    startup_s = time.perf_counter() - t_start  # Generator creation to the first decoded tokens, cold
     copy_gbps = copy_bandwidth_gbps(dev, nbytes=(2 << 30) if dev.type == "cuda" else (64 << 20))
     requests = gen._make_requests(prompts, params)
     assert all(len(r.prompt_ids) == prompt for r in requests), "placeholder tokenizer must keep one id per word"
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
         [torch.profiler.ProfilerActivity.CUDA] if dev.type == "cuda" else [])) if profile else None
     sync()
+    last = requests[-1]
+    last.stream = True
+    from decoding.generator import RequestHandle
+
+    handle = RequestHandle(gen, last)
     t0 = time.perf_counter()
-    t_first, steps = None, 0
+    gen.engine.submit(requests)
     bar = tqdm(total=new, desc=f"decode {shape} b{batch}", unit="step", disable=not progress)
-    seqs = [s for r in requests for s in r.seqs]
-    for seq in gen._run(requests):
-        if seq is not seqs[-1]:
-            continue  # one event per step: the last sequence of the batch got its token
-        steps += 1
+    for _ in handle:  # one piece per step (the placeholder tokenizer gives text for every token); the batch
+        # runs in lockstep, so when the last request ends, all have
         bar.update(1)
-        if steps == 1:
-            sync()
-            t_first = time.perf_counter()
-            if prof is not None:
-                prof.__enter__()
-    sync()
-    t_end = time.perf_counter()
+        if prof is not None and bar.n == 1:
+            gen.engine.call(lambda engine: prof.__enter__())  # on the engine thread, which runs the steps
     bar.close()
     if prof is not None:
-        prof.__exit__(None, None, None)
+        gen.engine.call(lambda engine: prof.__exit__(None, None, None))
         prof.export_chrome_trace(profile)
-    decode_s = t_end - t_first
+    times = last.seqs[0].token_times  # host-synchronised: stamped after each step's token copy
+    steps = len(times)
+    t_first = times[0]
+    decode_s = times[-1] - t_first
     ms = decode_s / max(1, steps - 1) * 1e3
     wbytes = weight_bytes_per_step(gen.model)
+    gen.close()
     return BenchResult(shape, batch, prompt, new, str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
                        str(dt).removeprefix("torch."), batch * (steps - 1) / decode_s, ms, wbytes, copy_gbps,
                        100 * wbytes / (ms / 1e3) / (copy_gbps * 1e9), (t_first - t0) * 1e3, startup_s)

@@ -7,6 +7,7 @@ of a sequence lives in slot block_table[p // block_size] * block_size + p % bloc
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -21,23 +22,47 @@ def blocks_for(num_tokens: int, block_size: int) -> int:
 
 
 class BlockPool:
-    """Free list + refcounts over block ids 0..num_blocks-1. Host-side bookkeeping only."""
+    """Free list + refcounts over block ids 0..num_blocks-1, and the prefix cache. Host-side bookkeeping only.
+
+    Prefix cache: a full block of computed KV can be registered under the key (entry id of the block
+    before it, its token ids). Entry ids are never reused, so a key names one whole prefix exactly (a
+    dict lookup compares the tokens, not only a hash: two different prefixes never share an entry). A
+    registered block nobody holds stays "free but cached": it counts in num_free, a later request with
+    the same prefix can take it back (`take`), and `allocate` evicts such blocks, least recently freed
+    first, only once the plain free list is empty.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
         self._refs = [0] * num_blocks
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached blocks with refcount 0, LRU first
+        self._entries: dict[tuple[int, tuple[int, ...]], tuple[int, int]] = {}  # key -> (block, entry id)
+        self._key_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # registered block -> its key
+        self._next_id = 1  # entry id 0 is the empty prefix
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks `allocate` can hand out: never used, freed, or cached but held by nobody."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        """Registered prefix-cache blocks (held or not)."""
+        return len(self._key_of)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise CacheExhausted(f"needs {n} KV blocks, {len(self._free)} of {self.num_blocks} are free")
-        blocks = [self._free.pop() for _ in range(n)]
-        for b in blocks:
+        if n > self.num_free:
+            raise CacheExhausted(f"needs {n} KV blocks, {self.num_free} of {self.num_blocks} are free")
+        blocks = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:
+                b, _ = self._evictable.popitem(last=False)
+                del self._entries[self._key_of.pop(b)]
             self._refs[b] = 1
+            blocks.append(b)
         return blocks
 
     def share(self, blocks: list[int]) -> None:
@@ -47,14 +72,58 @@ class BlockPool:
             self._refs[b] += 1
 
     def free(self, blocks: list[int]) -> None:
-        for b in blocks:
+        # Tail first: a freed sequence's last blocks are evicted before its first ones, which more
+        # requests share.
+        for b in reversed(blocks):
             assert self._refs[b] > 0, f"double free of block {b}"
             self._refs[b] -= 1
             if self._refs[b] == 0:
-                self._free.append(b)
+                if b in self._key_of:
+                    self._evictable[b] = None
+                else:
+                    self._free.append(b)
 
     def refcount(self, block: int) -> int:
         return self._refs[block]
+
+    def lookup(self, parent: int, tokens: tuple[int, ...]) -> tuple[int, int] | None:
+        """(block, entry id) cached for this block of tokens after the prefix `parent`, or None."""
+        return self._entries.get((parent, tokens))
+
+    def take(self, block: int) -> None:
+        """A request reuses a cached block (a prefix-cache hit): one more holder."""
+        if self._refs[block] == 0:
+            del self._evictable[block]
+        self._refs[block] += 1
+
+    def register(self, block: int, parent: int, tokens: tuple[int, ...]) -> int:
+        """Cache a held, full, computed block; returns the entry id that names this prefix.
+
+        If the same prefix is cached already (two requests computed it at once), that entry stays and its
+        id is returned; `block` is then not cached and goes back to the free list when released.
+        """
+        key = (parent, tokens)
+        entry = self._entries.get(key)
+        if entry is not None:
+            return entry[1]
+        assert self._refs[block] > 0 and block not in self._key_of, f"registering block {block} twice or unheld"
+        entry_id, self._next_id = self._next_id, self._next_id + 1
+        self._entries[key] = (block, entry_id)
+        self._key_of[block] = key
+        return entry_id
+
+    def clear_cache(self) -> None:
+        """Forget every cached prefix (held blocks stay held; unheld ones become plain free blocks)."""
+        self._free.extend(self._evictable)
+        self._evictable.clear()
+        self._entries.clear()
+        self._key_of.clear()
+
+
+def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """KV bytes of one block over all layers (K and V)."""
+    return (2 * config.num_hidden_layers * block_size * config.num_key_value_heads * config.head_dim
+            * torch.empty((), dtype=dtype).element_size())
 
 
 class KVCache:

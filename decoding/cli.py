@@ -61,6 +61,23 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="auto")
     bench.add_argument("--json", default=None, help="also write the result as JSON to this file")
     bench.add_argument("--profile", default=None, help="write a torch.profiler trace of the decode steps here")
+    serve = bench.add_argument_group("serving load (--serve)")
+    serve.add_argument("--serve", action="store_true",
+                       help="load test of continuous batching: requests arriving at --rate with random lengths")
+    serve.add_argument("--requests", type=int, default=200, help="number of requests")
+    serve.add_argument("--rate", type=float, default=float("inf"),
+                       help="mean arrivals per second (Poisson); inf (default): all at once")
+    serve.add_argument("--prompt-len", default="128:512", help="prompt tokens, uniform in A:B")
+    serve.add_argument("--output-len", default="32:256", help="tokens to generate, uniform in A:B")
+    serve.add_argument("--static-baseline", action="store_true",
+                       help="also run the same requests in static batches of 32 and print the throughput ratio")
+    serve.add_argument("--temperature", type=float, default=0.0)
+    serve.add_argument("--seed", type=int, default=0, help="workload (and sampling) seed")
+    serve.add_argument("--max-num-seqs", type=int, default=None)
+    serve.add_argument("--max-num-batched-tokens", type=int, default=None)
+    serve.add_argument("--gpu-memory-utilization", type=float, default=None)
+    serve.add_argument("--num-kv-blocks", type=int, default=None)
+    serve.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 
 
@@ -119,7 +136,11 @@ def _info(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "bench":
+        if args.command == "bench" and args.serve:
+            from decoding import serve_bench
+
+            serve_bench.main(args)
+        elif args.command == "bench":
             from decoding import bench
 
             bench.main(args)

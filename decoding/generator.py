@@ -1,22 +1,27 @@
-"""Generator: load a model once, then generate for one prompt or many, blocking or streaming."""
+"""Generator: load a model once, then serve generation requests from any thread or asyncio task.
+
+Every call (generate, stream, chat, their async forms, submit) becomes a Request for the engine
+(decoding/engine.py), whose thread batches all live requests continuously over one paged KV cache.
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+import asyncio
+import dataclasses
+import queue
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import torch
 
 from decoding import ops
-from decoding.cache import KVCache
+from decoding.engine import Engine, Request
 from decoding.errors import DecodingError, InvalidRequest
 from decoding.models.llama import LlamaModel
 from decoding.runner import ModelRunner, StepInput
 from decoding.sampling.candidates import rank
 from decoding.sampling.params import SamplingParams
-from decoding.sampling.sampler import SamplingState, sample
+from decoding.scheduler import SchedulerConfig
 from decoding.sequence import Output, Sequence
 from decoding.tokenizer import Tokenizer
 
@@ -46,17 +51,80 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.d
     return device, dtype
 
 
-@dataclass
-class _Request:
-    """One prompt and its candidate sequences (one unless n > 1 or several temperatures)."""
+class RequestHandle:
+    """A submitted request (see Generator.submit): wait for its Output, iterate its text, or cancel it.
 
-    prompt: str
-    prompt_ids: list[int]
-    seqs: list[Sequence]
+    Thread-safe; one consumer reads it. Example
+    -------
+    >>> handle = gen.submit("def f(x):", SamplingParams(max_tokens=32), stream=True)
+    >>> for piece in handle: print(piece, end="")
+    >>> handle.result().finish_reason
+    """
+
+    def __init__(self, gen: Generator, request: Request) -> None:
+        self._gen = gen
+        self._request = request
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._ended = False
+        request.sink = self._events.put
+
+    @property
+    def request_id(self) -> int:
+        return self._request.id
+
+    def done(self) -> bool:
+        return self._request.finished
+
+    def cancel(self) -> None:
+        """Stop generating: the request's KV blocks are freed at the next step; result() then gives what was
+        generated so far with finish_reason "cancelled"."""
+        self._gen.engine.cancel(self._request)
+
+    def result(self, timeout: float | None = None) -> Output:
+        """Block until the request ends (TimeoutError after `timeout` seconds) and return its Output."""
+        self._wait(timeout)
+        return self._gen._output(self._request)
+
+    def __iter__(self) -> Iterator[str]:
+        """Text pieces as they are produced (needs submit(..., stream=True)); stopping early cancels the
+        request and returns once its blocks are free."""
+        if not self._request.stream:
+            raise InvalidRequest("iterating a request needs submit(..., stream=True)")
+        try:
+            while not self._ended:
+                kind, value = self._events.get()
+                if kind == "delta":
+                    yield value
+                else:
+                    self._ended = True
+        finally:
+            if not self._ended:
+                self.cancel()
+                self._wait(None)
+        _raise_failure(self._request)
+
+    def _wait(self, timeout: float | None) -> None:
+        try:
+            while not self._ended:
+                if self._events.get(timeout=timeout)[0] == "done":
+                    self._ended = True
+        except queue.Empty:
+            raise TimeoutError(f"request {self.request_id} still running after {timeout} s") from None
+
+
+def _raise_failure(req: Request) -> None:
+    """Streams raise what generate() reports in Output.error: the model or the engine failed."""
+    if req.error is not None:
+        raise DecodingError(f"generation failed: {type(req.error).__name__}: {req.error}") from req.error
+    if req.seqs[0].error is not None:
+        raise DecodingError(req.seqs[0].error)
 
 
 class Generator:
-    """A loaded model with its tokenizer, ready to generate.
+    """A loaded model with its tokenizer and its engine, ready to serve requests.
+
+    Engine options (keywords of the constructor and of from_pretrained, see SchedulerConfig):
+    max_num_seqs, max_num_batched_tokens, num_kv_blocks, gpu_memory_utilization, enable_prefix_caching.
 
     Example
     -------
@@ -64,7 +132,7 @@ class Generator:
     >>> gen.generate("def fibonacci(n):", SamplingParams(max_tokens=32, temperature=0)).text
     """
 
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, block_size: int = 16) -> None:
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, block_size: int = 16, **engine_options) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
@@ -73,10 +141,15 @@ class Generator:
         self.block_size = block_size
         self.runner = ModelRunner(model, block_size)
         self.model_path: str = "<in memory>"
+        fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
+        unknown = sorted(set(engine_options) - fields)
+        if unknown:
+            raise InvalidRequest(f"unknown Generator option(s) {unknown}; valid: {sorted(fields)}")
+        self.engine = Engine(self.runner, tokenizer.eos_token_ids, SchedulerConfig(**engine_options))
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, progress: bool = True) -> Generator:
+                        dtype: str | torch.dtype | None = None, progress: bool = True, **engine_options) -> Generator:
         """Load a HF checkpoint directory, a .gguf file, or (path=None) the embedded default model.
 
         Parameters
@@ -85,88 +158,167 @@ class Generator:
         device : "cuda", "cpu", ... (default: CUDA when available).
         dtype : "bfloat16" | "float16" | "float32" | "auto" (default: bf16 on CUDA, fp32 on CPU).
         progress : show a progress bar while loading.
+        engine_options : SchedulerConfig fields (max_num_seqs, gpu_memory_utilization, ...).
         """
         from decoding import loader
 
         device, dtype = resolve_device_dtype(device, dtype)
         model, tokenizer = loader.load(path, device, dtype, progress=progress)
-        gen = cls(model, tokenizer)
+        gen = cls(model, tokenizer, **engine_options)
         gen.model_path = str(path) if path is not None else "embedded: SmolLM2-135M-Instruct (GGUF Q4_1)"
         return gen
 
-    # ----------------------------------------------------------------------------- public API
-    def generate(self, prompts: str | list[str], params: SamplingParams | None = None
+    # ----------------------------------------------------------------------------- blocking API
+    def generate(self, prompts: str | list[str], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> Output | list[Output]:
         """Complete one prompt (returns an Output) or a list of prompts (returns a list, same order).
 
-        With n > 1 or `temperatures`, each Output is the best candidate and lists all of them.
+        `params` is one SamplingParams for every prompt, or a list with one per prompt. With n > 1 or
+        `temperatures`, each Output is the best candidate and lists all of them. Safe to call from many
+        threads at once: every call's requests join the same running batch.
         """
         single = not isinstance(prompts, (list, tuple))
-        requests = self._make_requests([prompts] if single else list(prompts), params)
-        t_start = time.perf_counter()
-        for _ in self._run(requests):
-            pass
-        outs = [self._output(r, t_start) for r in requests]
+        handles = [RequestHandle(self, r) for r in self._make_requests([prompts] if single else list(prompts), params)]
+        self.engine.submit([h._request for h in handles])
+        try:
+            outs = [h.result() for h in handles]
+        finally:
+            for h in handles:  # an exception (KeyboardInterrupt, a judge) must not leave requests running
+                if not h.done():
+                    h.cancel()
         return outs[0] if single else outs
+
+    def submit(self, prompt: str, params: SamplingParams | None = None, stream: bool = False) -> RequestHandle:
+        """Queue one prompt and return at once: a RequestHandle to wait for (result), iterate (stream=True)
+        or cancel. Raises InvalidRequest / CacheExhausted here, before anything runs."""
+        (req,) = self._make_requests([prompt], params, stream)
+        handle = RequestHandle(self, req)
+        self.engine.submit([req])
+        return handle
 
     def stream(self, prompt: str, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the completion of one prompt as text pieces, as they are produced.
 
         Text that a stop string or a cycle cut could still remove is held back until it is settled,
-        so the pieces always join to exactly Output.text. Needs a single candidate (n = 1).
+        so the pieces always join to exactly Output.text. Needs a single candidate (n = 1). Leaving the
+        loop early cancels the request and frees its KV blocks before the generator closes.
         """
-        requests = self._make_requests([prompt], params)
-        if len(requests[0].seqs) > 1:
-            raise InvalidRequest("stream() returns one completion: use generate() for n > 1 or temperatures")
-        seq = requests[0].seqs[0]
-        run = self._run(requests)
-        try:
-            for _ in run:
-                delta = seq.take_delta()
-                if delta:
-                    yield delta
-        finally:
-            run.close()  # the caller may stop early: free the KV blocks now, not whenever GC runs
-        if seq.error is not None:  # the model failed (NaN logits): not the caller's request
-            raise DecodingError(seq.error)
+        yield from self.submit(prompt, params, stream=True)
 
     def chat(self, messages: str | list[dict[str, str]], params: SamplingParams | None = None) -> Output:
         """Answer a conversation ([{"role": "user", "content": ...}, ...], or one user message as a str)."""
         return self.generate(self.render_chat(messages), params)
+
+    # ----------------------------------------------------------------------------- asyncio API
+    async def generate_async(self, prompts: str | list[str],
+                             params: SamplingParams | list[SamplingParams] | None = None) -> Output | list[Output]:
+        """`generate` for asyncio: awaits without blocking the event loop; cancelling the task cancels
+        the requests (their blocks are freed at the next step)."""
+        loop = asyncio.get_running_loop()
+        single = not isinstance(prompts, (list, tuple))
+        reqs = self._make_requests([prompts] if single else list(prompts), params)
+        futs = []
+        for req in reqs:
+            fut = loop.create_future()
+            req.sink = _done_setter(loop, fut)
+            futs.append(fut)
+        self.engine.submit(reqs)
+        try:
+            await asyncio.gather(*futs)
+        finally:
+            for req in reqs:
+                if not req.finished:
+                    self.engine.cancel(req)
+        if any(r.seqs[0].params.judge is not None for r in reqs):  # a judge may be slow: not on the loop
+            outs = await loop.run_in_executor(None, lambda: [self._output(r) for r in reqs])
+        else:
+            outs = [self._output(r) for r in reqs]
+        return outs[0] if single else outs
+
+    async def stream_async(self, prompt: str, params: SamplingParams | None = None) -> AsyncIterator[str]:
+        """`stream` for asyncio: `async for piece in gen.stream_async(prompt, params)`. Breaking out of the
+        loop, or cancelling the task, cancels the request."""
+        loop = asyncio.get_running_loop()
+        (req,) = self._make_requests([prompt], params, stream=True)
+        events: asyncio.Queue = asyncio.Queue()
+        req.sink = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        self.engine.submit([req])
+        ended = False
+        try:
+            while not ended:
+                kind, value = await events.get()
+                if kind == "delta":
+                    yield value
+                else:
+                    ended = True
+        finally:
+            if not ended:
+                self.engine.cancel(req)
+        _raise_failure(req)
+
+    async def chat_async(self, messages: str | list[dict[str, str]], params: SamplingParams | None = None) -> Output:
+        return await self.generate_async(self.render_chat(messages), params)
+
+    # ----------------------------------------------------------------------------- service
+    def metrics(self) -> dict:
+        """Serving metrics as a plain dict: requests running / waiting, tokens/s, TTFT and inter-token
+        latency histograms (with p50/p90/p99 estimates), KV blocks used / free, preemptions, prefix-cache
+        hit rate, and totals."""
+        return self.engine.metrics_snapshot()
+
+    def register_prometheus(self, registry=None, prefix: str = "decoding") -> object:
+        """Export metrics() to Prometheus (needs prometheus-client); returns the registered collector."""
+        from decoding.metrics import register_prometheus
+
+        return register_prometheus(self.engine, registry, prefix)
+
+    def close(self) -> None:
+        """Cancel every request and stop the engine thread; the Generator refuses new requests after."""
+        self.engine.close()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def render_chat(self, messages: str | list[dict[str, str]]) -> str:
         if isinstance(messages, str):
             messages = [{"role": "user", "content": messages}]
         return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
-    @torch.inference_mode()
     def score(self, prompt: str, completions: list[str]) -> list[float]:
         """Mean log-prob per token of each completion given the prompt (a judge for candidates).
 
-        An empty completion scores -inf.
+        An empty completion scores -inf. Runs on the engine thread between two steps.
         """
         prompt_ids = self.tokenizer.encode(prompt)
         comp_ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in completions]
         seqs = [prompt_ids + ids for ids in comp_ids]
-        cache = self.runner.ensure_cache(sum(self._blocks_for(len(s)) for s in seqs))
-        tables = [cache.pool.allocate(self._blocks_for(len(s))) for s in seqs]
-        try:
-            lens = [len(s) for s in seqs]
-            hidden = self.runner.forward_hidden(StepInput(tables, lens, [t for s in seqs for t in s], lens))
-        finally:
-            for table in tables:
-                cache.pool.free(table)
-        scores, start = [], 0
-        for s, ids in zip(seqs, comp_ids):
-            n_prompt = len(s) - len(ids)
-            if ids:  # hidden at position p predicts token p + 1
-                lp = self.model.compute_logits(hidden[start + n_prompt - 1: start + len(s) - 1]).log_softmax(-1)
-                target = torch.tensor(ids, device=self.device)[:, None]
-                scores.append(lp.gather(1, target).mean().item())
-            else:
-                scores.append(-float("inf"))
-            start += len(s)
-        return scores
+
+        def job(engine: Engine) -> list[float]:
+            engine.make_room(sum(self.runner.blocks_for(len(s)) for s in seqs))
+            pool = self.runner.cache.pool
+            tables = [pool.allocate(self.runner.blocks_for(len(s))) for s in seqs]
+            try:
+                lens = [len(s) for s in seqs]
+                hidden = self.runner.forward_hidden(StepInput(tables, lens, [t for s in seqs for t in s], lens))
+            finally:
+                for table in tables:
+                    pool.free(table)
+            scores, start = [], 0
+            for s, ids in zip(seqs, comp_ids):
+                n_prompt = len(s) - len(ids)
+                if ids:  # hidden at position p predicts token p + 1
+                    lp = self.model.compute_logits(hidden[start + n_prompt - 1: start + len(s) - 1]).log_softmax(-1)
+                    target = torch.tensor(ids, device=self.device)[:, None]
+                    scores.append(lp.gather(1, target).mean().item())
+                else:
+                    scores.append(-float("inf"))
+                start += len(s)
+            return scores
+
+        return self.engine.call(job)
 
     def info(self) -> dict:
         c = self.config
@@ -182,19 +334,27 @@ class Generator:
         }
 
     # ----------------------------------------------------------------------------- internals
-    def _blocks_for(self, num_tokens: int) -> int:
-        return self.runner.blocks_for(num_tokens)
-
-    def _make_requests(self, prompts: list[str], params: SamplingParams | None) -> list[_Request]:
+    def _make_requests(self, prompts: list[str], params: SamplingParams | list[SamplingParams] | None,
+                       stream: bool = False) -> list[Request]:
         """Tokenize and validate every prompt before any work starts."""
-        params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequest(f"params must be a SamplingParams, got {type(params).__name__}")
         if not prompts:
             raise InvalidRequest("prompts: the list is empty")
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise InvalidRequest(f"params: {len(params)} SamplingParams for {len(prompts)} prompts")
+            per_prompt = list(params)
+        else:
+            per_prompt = [params or SamplingParams()] * len(prompts)
         context = self.config.max_position_embeddings
         requests = []
-        for i, prompt in enumerate(prompts):
+        for i, (prompt, p) in enumerate(zip(prompts, per_prompt)):
+            if not isinstance(p, SamplingParams):
+                raise InvalidRequest(f"params must be a SamplingParams, got {type(p).__name__}")
+            if stream and p.num_candidates > 1:
+                raise InvalidRequest("stream() returns one completion: use generate() for n > 1 or temperatures")
+            if p.num_candidates > self.engine.config.max_num_seqs:
+                raise InvalidRequest(f"n x temperatures is {p.num_candidates} candidates; at most max_num_seqs "
+                                     f"({self.engine.config.max_num_seqs}) run at once")
             if not isinstance(prompt, str):
                 raise InvalidRequest(f"prompt {i} must be a str, got {type(prompt).__name__}")
             if not prompt:
@@ -206,85 +366,15 @@ class Generator:
                 raise InvalidRequest(
                     f"prompt {i} has {len(ids)} tokens; the context window is {context} tokens "
                     f"(prompt + completion), so the prompt must be under {context}")
-            budget = min(params.max_tokens, context - len(ids))
-            seqs = [Sequence(ids, params, temp, budget, self.tokenizer,
-                             None if params.seed is None else params.seed + c)
-                    for c, temp in enumerate(params.candidate_temperatures())]
-            requests.append(_Request(prompt, ids, seqs))
+            budget = min(p.max_tokens, context - len(ids))
+            seqs = [Sequence(ids, p, temp, budget, self.tokenizer, None if p.seed is None else p.seed + c)
+                    for c, temp in enumerate(p.candidate_temperatures())]
+            requests.append(Request(prompt, ids, seqs, stream))
         return requests
 
-    def _fork(self, cache: KVCache, req: _Request, prompt_blocks: list[int]) -> None:
-        """Give each candidate the prompt's KV: full blocks shared, the partial last block copied."""
-        n_prompt, full = len(req.prompt_ids), len(req.prompt_ids) // self.block_size
-        for seq in req.seqs:
-            own = cache.pool.allocate(self._blocks_for(n_prompt + seq.budget) - full)
-            cache.pool.share(prompt_blocks[:full])
-            seq.blocks = prompt_blocks[:full] + own
-            if n_prompt % self.block_size:
-                for layer_cache in (*cache.k, *cache.v):
-                    layer_cache[own[0]].copy_(layer_cache[prompt_blocks[full]])
-        cache.pool.free(prompt_blocks)
-
-    def _run(self, requests: list[_Request]) -> Iterator[Sequence]:
-        """Prefill every prompt once, fork its candidates, then decode all unfinished sequences together;
-        yields each sequence every time it gets a token. Blocks go back to the pool as sequences finish."""
-        seqs = [s for r in requests for s in r.seqs]
-        need = sum(self._blocks_for(len(r.prompt_ids)) + sum(self._blocks_for(len(r.prompt_ids) + s.budget)
-                                                             for s in r.seqs) for r in requests)
-        cache = self.runner.ensure_cache(need)
-        eos = self.tokenizer.eos_token_ids
-        rows = [i for i, r in enumerate(requests) for _ in r.seqs]  # candidate -> its request
-        prompt_tables = [cache.pool.allocate(self._blocks_for(len(r.prompt_ids))) for r in requests]
-        state = SamplingState([s.params for s in seqs], [s.temperature for s in seqs], [s.seed for s in seqs],
-                              [s.prompt_ids for s in seqs], self.config.vocab_size, self.device,
-                              need_logprobs=any(len(r.seqs) > 1 for r in requests))
-        try:
-            prompt_lens = [len(r.prompt_ids) for r in requests]
-            logits = self.runner.step(StepInput(prompt_tables, prompt_lens,
-                                                [t for r in requests for t in r.prompt_ids], prompt_lens))
-            for req, table in zip(requests, prompt_tables):
-                self._fork(cache, req, table)
-            prompt_tables = []
-            logits = logits.index_select(0, torch.tensor(rows, device=self.device))
-            running = list(range(len(seqs)))
-            while running:
-                yield from self._accept(sample(logits, state), [seqs[i] for i in running], eos)
-                for i in running:
-                    if seqs[i].finish_reason is not None:
-                        cache.pool.free(seqs[i].blocks)
-                        seqs[i].blocks = []
-                keep = [k for k, i in enumerate(running) if seqs[i].finish_reason is None]
-                if keep and len(keep) < len(running):
-                    state.select(keep)
-                running = [running[k] for k in keep]
-                if running:
-                    active = [seqs[i] for i in running]
-                    logits = self.runner.step(StepInput([s.blocks for s in active], [s.num_tokens for s in active],
-                                                        [s.output_ids[-1] for s in active], [1] * len(active)))
-        finally:
-            for table in prompt_tables:
-                cache.pool.free(table)
-            for s in seqs:  # also on error or when a stream is abandoned: give every block back
-                if s.blocks:
-                    cache.pool.free(s.blocks)
-                    s.blocks = []
-
-    @staticmethod
-    def _accept(result, active: list[Sequence], eos: list[int]) -> Iterator[Sequence]:
-        """Hand each sequence its sampled token (one host sync for the whole batch)."""
-        tokens = result.tokens.tolist()
-        chosen = result.logprobs.tolist() if result.logprobs is not None else [None] * len(active)
-        tops = [None] * len(active)
-        if result.top_ids is not None:
-            tops = [list(zip(i, lp)) for i, lp in zip(result.top_ids.tolist(), result.top_logprobs.tolist())]
-        for seq, token, lp, top in zip(active, tokens, chosen, tops):
-            if token < 0:
-                seq.fail(f"the model produced NaN or infinite logits at generated token {len(seq.output_ids)}")
-            else:
-                seq.append(token, eos, lp, top[: seq.params.logprobs or 0] if top else None)
-            yield seq
-
-    def _output(self, req: _Request, t_start: float) -> Output:
+    def _output(self, req: Request) -> Output:
+        if req.error is not None:
+            raise DecodingError(f"generation failed: {type(req.error).__name__}: {req.error}") from req.error
         best = req.seqs[0]
         cands = None
         if len(req.seqs) > 1:
@@ -293,5 +383,17 @@ class Generator:
                         and s.temperature == cands[0].temperature)
         t_first, rate = best.timing()
         return Output(best.text, list(best.output_ids), best.finish_reason or "length", req.prompt_ids,
-                      t_first - t_start if t_first else 0.0, rate,
+                      t_first - req.t_arrival if t_first else 0.0, rate,
                       best.logprobs if best.params.logprobs is not None else None, cands, best.error)
+
+
+def _done_setter(loop: asyncio.AbstractEventLoop, fut: asyncio.Future):
+    def set_done() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    def sink(event: tuple) -> None:
+        if event[0] == "done":
+            loop.call_soon_threadsafe(set_done)
+
+    return sink

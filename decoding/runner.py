@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from decoding.cache import AttentionMetadata, KVCache, blocks_for
-from decoding.errors import InvalidRequest
 from decoding.models.llama import LlamaModel
 
 
@@ -158,13 +157,10 @@ class ModelRunner:
     def blocks_for(self, num_tokens: int) -> int:
         return blocks_for(num_tokens, self.block_size)
 
-    def ensure_cache(self, need: int) -> KVCache:
-        """A pool with `need` free blocks: the current one, or a bigger one when the current is idle."""
-        if self.cache is None or self.cache.pool.num_free < need:
-            if self.cache is not None and self.cache.pool.num_free != self.cache.num_blocks:
-                raise InvalidRequest("the KV cache is in use by another call on this Generator")
-            self.cache = self._graphs = None  # free the old pool (and graphs over it) before a bigger one
-            self.cache = KVCache(self.config, need, self.block_size, self.device, self.dtype)
+    def allocate_cache(self, num_blocks: int) -> KVCache:
+        """Allocate the KV cache pool once (the scheduler sizes it); later steps read and write it."""
+        self.cache = self._graphs = None  # free an old pool (and the graphs over it) before the new one
+        self.cache = KVCache(self.config, num_blocks, self.block_size, self.device, self.dtype)
         return self.cache
 
     @torch.inference_mode()

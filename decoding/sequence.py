@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -43,10 +44,11 @@ class Output:
     """Generated token ids, including the end-of-sequence or stop token if one ended it."""
     finish_reason: str
     """"stop" (end-of-sequence, a stop token or stop string), "length" (max_tokens or the context window),
-    "cycle" (the completion started looping and was cut) or "error" (see `error`)."""
+    "cycle" (the completion started looping and was cut), "cancelled" (the caller cancelled the request)
+    or "error" (see `error`)."""
     prompt_token_ids: list[int] = field(repr=False)
     time_to_first_token: float = 0.0
-    """Seconds from the call to the first generated token (includes the prefill)."""
+    """Seconds from submission to the first generated token (includes queueing and the prefill)."""
     tokens_per_second: float = 0.0
     """Decode rate after the first token: (tokens - 1) / seconds between first and last; 0 for one token."""
     logprobs: list[TokenLogprob] | None = None
@@ -58,17 +60,28 @@ class Output:
 
 
 class Sequence:
-    """A completion being generated: tokens, text, stop checks, cycle detection, timing."""
+    """A completion being generated: tokens, text, stop checks, cycle detection, timing, and the
+    scheduler's view of it (KV blocks, how many of its tokens are in the cache)."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, temperature: float, budget: int,
                  tokenizer: Tokenizer, seed: int | None) -> None:
         self.prompt_ids = prompt_ids
         self.params = params
         self.temperature = temperature
-        self.seed = seed
+        # Unseeded rows draw their seed now, so a sequence preempted and recomputed keeps its random stream.
+        self.seed = seed if seed is not None else random.getrandbits(62)
         self.budget = budget  # tokens it may generate (max_tokens, clipped to the context window)
         self.output_ids: list[int] = []
-        self.blocks: list[int] = []
+        self.blocks: list[int] = []  # KV blocks, enough for num_computed tokens (and this step's)
+        self.num_computed = 0  # leading tokens of prompt + output whose KV is in the cache
+        self.chain: list[int] = []  # prefix-cache entry ids of its leading full blocks
+        self.decoding = False  # has a sampler row: its prompt (and any recomputed output) is in the cache
+        self.running = False  # in the scheduler's running batch
+        self.order = 0  # admission order (newest runs last, is preempted first)
+        self.scheduled_step = -1  # the last scheduler step that gave it tokens
+        self.forks: list[Sequence] = []  # candidates that take a copy of this one's KV once its prompt is in
+        self.token_times: list[float] = []  # perf_counter() at each generated token
+        self.request = None  # the engine's Request this candidate belongs to
         self.detok = Detokenizer(tokenizer, prompt_ids)
         self.text = ""
         self.text_ends: list[int] = []  # len(text) after each token: where a cycle cut lands in the text
@@ -88,6 +101,15 @@ class Sequence:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """Tokens start..stop-1 of prompt + output."""
+        n = len(self.prompt_ids)
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        if start >= n:
+            return self.output_ids[start - n:stop - n]
+        return self.prompt_ids[start:] + self.output_ids[:stop - n]
+
     def fail(self, message: str) -> None:
         self.finish_reason, self.error = "error", message
 
@@ -98,6 +120,7 @@ class Sequence:
         if not self.output_ids:
             self.t_first = now
         self.t_last = now
+        self.token_times.append(now)
         self.output_ids.append(token)
         if logprob is not None:
             self.chosen_logprobs.append(logprob)

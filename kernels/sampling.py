@@ -14,8 +14,6 @@ After the draw the program records the token (counts, seen, step) as SamplingSta
 
 from __future__ import annotations
 
-import copy
-
 import torch
 import triton
 import triton.language as tl
@@ -297,26 +295,32 @@ def sample_tokens_split(logits: torch.Tensor, state, nparts: int | None = None) 
 def sample_tokens_graphed(logits: torch.Tensor, state) -> torch.Tensor:
     """`sample_tokens_split` replayed from a CUDA graph: one graph launch instead of ~20 kernel launches.
 
-    The graph is captured on the first call for a SamplingState (the state's tensors are updated in
-    place, so their addresses hold until `state.select` replaces them, which drops the graph). The logits
-    are copied into the graph's static input first. Falls back to eager launches on CPU tensors and when
-    a capture is already in progress.
+    One graph per (logits shape, the state's pass flags), kept in `state.fused_graphs`. A SamplingState
+    updates its rows in place inside stable buffers (rows admitted and retired, padded to a batch-size
+    bucket), so a graph stays valid while the batch composition changes; the state clears the dict when
+    its buffers move. The logits are copied into the graph's static input first. Falls back to eager
+    launches on CPU tensors and when a capture is already in progress.
     """
     if not logits.is_cuda or torch.cuda.is_current_stream_capturing():
         return sample_tokens_split(logits, state)
-    graph = getattr(state, "fused_graph", None)
-    if graph is None or graph[1].shape != logits.shape or graph[1].dtype != logits.dtype:
-        state.fused_graph = None  # a CUDAGraph cannot be deep-copied below
+    key = (tuple(logits.shape), logits.dtype, state.any_top_k, state.any_top_p, state.all_greedy,
+           state.counts is not None, state.seen is not None)
+    graph = state.fused_graphs.get(key)
+    if graph is None:
         static_in = logits.clone()
-        # Compile the kernels outside the capture: replay a throwaway copy of the state, since a step mutates it.
-        sample_tokens_split(static_in, copy.deepcopy(state))
+        # Compile the kernels outside the capture on a throwaway copy of the state, since a step mutates it.
+        sample_tokens_split(static_in, state.clone())
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
+        # All graphs of a state share one memory pool: they replay one at a time on one stream, each
+        # rewrites its scratch before reading it, and each output is cloned before the next replay.
+        pool = state.fused_graphs.setdefault("pool", torch.cuda.graph_pool_handle())
+        # thread_local: the engine thread captures while caller threads may touch CUDA (e.g. a tensor .to()).
+        with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
             static_out = sample_tokens_split(static_in, state)
         # Capturing records the launches without running them: the state has not advanced yet.
         graph = (g, static_in, static_out)
-        state.fused_graph = graph
+        state.fused_graphs[key] = graph
     g, static_in, static_out = graph
     static_in.copy_(logits)
     g.replay()

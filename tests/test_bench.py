@@ -39,3 +39,23 @@ def test_cli_json(tmp_path, capsys):
 def test_unknown_shape():
     with pytest.raises(ValueError, match="unknown shape 'llama-99b'"):
         bench.preset_config("llama-99b")
+
+
+def test_serve_bench_cli(tmp_path, capsys):
+    from decoding.cli import main
+
+    out = tmp_path / "serve.json"
+    assert main(["bench", "--serve", "--shape", "tiny", "--random-weights", "--requests", "24", "--rate", "400",
+                 "--prompt-len", "4:40", "--output-len", "2:12", "--static-baseline", "--device", "cpu",
+                 "--max-num-batched-tokens", "64", "--num-kv-blocks", "12", "--no-progress",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    cont, static = data["results"]
+    assert (cont["mode"], static["mode"]) == ("continuous", "static batches of 32")
+    for r in (cont, static):
+        assert r["requests"] == 24 and r["output_tokens"] >= 24 * 2 and r["duration_s"] > 0
+        assert r["output_tok_s"] == pytest.approx(r["output_tokens"] / r["duration_s"])
+        assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] and 0 < r["itl_ms"]["p50"] <= r["itl_ms"]["p99"]
+    assert cont["output_tokens"] == static["output_tokens"]  # the same requests, run to their max_tokens
+    assert data["continuous_over_static"] == pytest.approx(cont["output_tok_s"] / static["output_tok_s"])
+    assert data["batch1_step_ms"] > 0 and "continuous / static throughput" in capsys.readouterr().out

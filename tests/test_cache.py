@@ -33,3 +33,35 @@ def test_slot_mapping_and_tables():
     assert meta.block_tables.tolist() == [[3, 1], [0, 2]]
     assert meta.seq_lens.tolist() == [5, 7] and meta.query_start_loc.tolist() == [0, 5, 6]
     assert meta.slot_mapping.dtype == torch.int64 and meta.block_tables.dtype == torch.int32
+
+
+def test_prefix_cache_register_take_and_lru_eviction():
+    pool = BlockPool(3)
+    a, b = pool.allocate(2)
+    ida = pool.register(a, 0, (1, 2))
+    idb = pool.register(b, ida, (3, 4))
+    assert pool.lookup(0, (1, 2)) == (a, ida) and pool.lookup(ida, (3, 4)) == (b, idb)
+    assert pool.lookup(idb, (3, 4)) is None and pool.lookup(0, (3, 4)) is None  # the whole prefix is the key
+    pool.free([a, b])
+    assert pool.num_free == 3 and pool.num_cached == 2  # cached, unheld: free for allocate, still findable
+    pool.take(a)  # a prefix-cache hit
+    assert pool.refcount(a) == 1 and pool.num_free == 2
+    (c,) = pool.allocate(1)  # the never-used block goes first
+    assert c not in (a, b) and pool.lookup(ida, (3, 4)) == (b, idb)
+    (d,) = pool.allocate(1)  # then the least recently freed cached block is evicted
+    assert d == b and pool.lookup(ida, (3, 4)) is None and pool.num_cached == 1
+    with pytest.raises(CacheExhausted):
+        pool.allocate(1)
+    pool.free([a, c, d])
+    assert pool.num_free == 3
+
+
+def test_prefix_cache_same_prefix_registered_twice_keeps_the_first():
+    pool = BlockPool(2)
+    a, b = pool.allocate(2)
+    first = pool.register(a, 0, (5,))
+    assert pool.register(b, 0, (5,)) == first  # b computed the same prefix at the same time: not cached
+    pool.free([a, b])
+    assert pool.num_cached == 1 and pool.lookup(0, (5,)) == (a, first)
+    pool.clear_cache()
+    assert pool.num_cached == 0 and pool.num_free == 2 and pool.lookup(0, (5,)) is None

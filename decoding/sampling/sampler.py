@@ -8,6 +8,7 @@ row's tokens depend only on its own seed and history, never on what else shares 
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass
 
@@ -53,77 +54,233 @@ class SampleResult:
     top_logprobs: torch.Tensor | None  # [B, k] fp32
 
 
-class SamplingState:
-    """Per-row parameters as device tensors plus the token history the penalties need.
+def bucket(n: int) -> int:
+    """The batch-size bucket that holds n rows: the next power of two (1, 2, 4, ..., 64, 128, ...)."""
+    return 1 << max(0, n - 1).bit_length()
 
-    Host-side flags (which filters any row uses) are fixed when the batch is built, so a step never
-    has to look at device values to decide what to run.
+
+# Rows of the packed per-row parameter buffers (one [rows, capacity] tensor per dtype, so that admitting
+# rows is one host-to-device copy per dtype, and each parameter is a contiguous [capacity] row view).
+_F32 = ("temperature", "top_p", "min_p", "frequency", "presence", "repetition")
+_I64 = ("top_k", "seeds", "steps")
+_NEUTRAL_F32 = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)  # an empty row: greedy, no filter, no penalty
+
+
+class SamplingState:
+    """Per-row sampling parameters and penalty state as device tensors, for a batch whose rows come and go.
+
+    Rows live in preallocated buffers of `capacity` rows, kept compact (rows 0..num_rows-1): `add` writes
+    new rows after the last one, `remove` moves the last rows into the holes. Every tensor attribute
+    (`temperature`, `counts`, ...) is a view of the first `width` rows, where width is num_rows, or with
+    `pad_to_bucket` the bucket of num_rows (1, 2, 4, 8, ...): rows past num_rows are inert (greedy, no
+    penalty) and their tokens are ignored. The buffers, hence the views' addresses, only change when the
+    capacity grows, so a fused sampler can capture one CUDA graph per (bucket, flags) and replay it
+    whatever rows the batch holds (`fused_graphs`, cleared when the buffers move).
+
+    The host-side flags say which passes a step must run at all. They only ever turn on (a pass that no
+    row needs is a no-op for every row), so a batch whose composition changes does not get new graphs.
+
+    Example
+    -------
+    >>> state = SamplingState([], [], [], [], vocab_size=50, device="cpu")
+    >>> state.add(SamplingParams(temperature=0.7, seed=1), 0.7, 1, prompt_ids=[3, 4], owner="a")
+    >>> state.remove([0])
     """
 
     def __init__(self, params: list[SamplingParams], temperatures: list[float], seeds: list[int | None],
                  prompts: list[list[int]], vocab_size: int, device: torch.device | str,
-                 need_logprobs: bool = False) -> None:
-        def t(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
-
+                 need_logprobs: bool = False, capacity: int = 0, pad_to_bucket: bool = False) -> None:
         self.vocab_size = vocab_size
         self.device = torch.device(device)
-        greedy = [temp == 0.0 for temp in temperatures]
-        self.temperature = t(temperatures, torch.float32)
-        self.top_k = t([p.top_k for p in params], torch.int64)
-        self.top_p = t([p.top_p for p in params], torch.float32)
-        self.min_p = t([p.min_p for p in params], torch.float32)
-        self.frequency = t([p.frequency_penalty for p in params], torch.float32)
-        self.presence = t([p.presence_penalty for p in params], torch.float32)
-        self.repetition = t([p.repetition_penalty for p in params], torch.float32)
-        # Rows without a seed get a fresh random one: every row then takes the same code path.
-        self.seeds = t([s if s is not None else random.getrandbits(62) for s in seeds], torch.int64)
-        self.steps = torch.zeros(len(params), dtype=torch.int64, device=self.device)
-        self.fused_graph = None  # set by a fused GPU sampler that replays its launches from a CUDA graph
-        self.all_greedy = all(greedy)
-        self.use_filter = [(p.top_k > 0 or p.top_p < 1.0) and not g for p, g in zip(params, greedy)]
-        self.filter_rows = self._filter_rows()
-        self.use_min_p = any(p.min_p > 0 and not g for p, g in zip(params, greedy))
-        # Which filter passes a fused kernel must run at all (rows leaving the batch never add one).
-        self.any_top_k = any(0 < p.top_k < vocab_size and not g for p, g in zip(params, greedy))
-        self.any_top_p = any(p.top_p < 1.0 and not g for p, g in zip(params, greedy))
-        self.top_logprobs = max((p.logprobs or 0 for p in params), default=0)
-        self.need_logprobs = need_logprobs or any(p.logprobs is not None for p in params)
-        rows = len(params)
-        # counts: how often each token was generated (frequency/presence); seen: in prompt or output (repetition).
-        use_freq = any(p.frequency_penalty != 0 or p.presence_penalty != 0 for p in params)
-        self.counts = torch.zeros(rows, vocab_size, dtype=torch.int32, device=self.device) if use_freq else None
-        self.seen = None
-        if any(p.repetition_penalty != 1.0 for p in params):
-            self.seen = torch.zeros(rows, vocab_size, dtype=torch.bool, device=self.device)
-            for r, ids in enumerate(prompts):
-                self.seen[r, t(ids, torch.int64)] = True
+        self.pad_to_bucket = pad_to_bucket
+        self.need_all_logprobs = need_logprobs
+        self.capacity = 0
+        self._f32 = torch.zeros(len(_F32), 0, device=self.device)
+        self._i64 = torch.zeros(len(_I64), 0, dtype=torch.int64, device=self.device)
+        self._counts: torch.Tensor | None = None  # [capacity, vocab] int32: times each token was generated
+        self._seen: torch.Tensor | None = None  # [capacity, vocab] bool: in the prompt or the output
+        self.owners: list = []  # per row: whatever the caller uses to find the row again
+        self.use_filter: list[bool] = []  # per row: sorts for top-k/top-p (the reference sampler)
+        self._logprobs: list[int | None] = []  # per row: top-logprobs asked for (0..20), -1 chosen only, None
+        self.all_greedy = True
+        self.any_top_k = self.any_top_p = self.use_min_p = False
+        self.fused_graphs: dict = {}  # a fused GPU sampler's CUDA graphs, over the buffers above
+        self._filter_rows: torch.Tensor | None | bool = False  # False: to rebuild
+        self._grow(max(capacity, len(params)))
+        for i, (p, temp, seed, prompt) in enumerate(zip(params, temperatures, seeds, prompts)):
+            self.add(p, temp, seed, prompt, owner=i)
 
-    def select(self, rows: list[int]) -> None:
-        """Keep only `rows` (in this order), e.g. when sequences finish."""
-        idx = torch.tensor(rows, dtype=torch.int64, device=self.device)
-        for name in ("temperature", "top_k", "top_p", "min_p", "frequency", "presence", "repetition", "seeds",
-                     "steps", "counts", "seen"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.index_select(0, idx))
-        self.use_filter = [self.use_filter[r] for r in rows]
-        self.filter_rows = self._filter_rows()
-        self.fused_graph = None  # captured over the old tensors: a fused sampler must capture again
+    # ------------------------------------------------------------------ rows
+    @property
+    def num_rows(self) -> int:
+        return len(self.owners)
 
-    def _filter_rows(self) -> torch.Tensor | None:
-        # Built when the batch changes, not every step: a tensor made from a host list is a blocking copy.
-        rows = [r for r, use in enumerate(self.use_filter) if use]
-        return torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True) if rows else None
+    @property
+    def width(self) -> int:
+        """Rows every step computes: num_rows, or its bucket with pad_to_bucket."""
+        n = self.num_rows
+        return bucket(n) if self.pad_to_bucket and n else n
+
+    def add(self, params: SamplingParams, temperature: float, seed: int | None, prompt_ids: list[int],
+            output_ids: list[int] = (), owner: object = None, need_logprobs: bool = False) -> None:
+        """Append one row, as if it had already drawn `output_ids` (its step count and penalty counts
+        follow them), so a sequence recomputed after preemption samples on exactly as before."""
+        self.add_rows([(params, temperature, seed, prompt_ids, output_ids, owner, need_logprobs)])
+
+    def add_rows(self, rows: list[tuple]) -> None:
+        """Append several rows at once: tuples (params, temperature, seed, prompt_ids, output_ids, owner,
+        need_logprobs), as for `add`. Costs a few device copies for the whole lot, not per row."""
+        if not rows:
+            return
+        start = self.num_rows
+        if start + len(rows) > self.capacity:
+            self._grow(max(2 * self.capacity, bucket(start + len(rows))))
+        f32, i64 = [], []
+        for params, temp, seed, _, output_ids, owner, need_lp in rows:
+            greedy = temp == 0.0
+            seed = seed if seed is not None else random.getrandbits(62)
+            f32.append((temp, params.top_p, params.min_p, params.frequency_penalty, params.presence_penalty,
+                        params.repetition_penalty))
+            i64.append((params.top_k, seed, len(output_ids)))
+            self.owners.append(owner)
+            self.use_filter.append((params.top_k > 0 or params.top_p < 1.0) and not greedy)
+            self._logprobs.append(params.logprobs if params.logprobs is not None else (-1 if need_lp else None))
+            self.all_greedy &= greedy
+            self.any_top_k |= 0 < params.top_k < self.vocab_size and not greedy
+            self.any_top_p |= params.top_p < 1.0 and not greedy
+            self.use_min_p |= params.min_p > 0 and not greedy
+            if self._counts is None and (params.frequency_penalty != 0 or params.presence_penalty != 0):
+                self._counts = self._new_table(torch.int32)
+            if self._seen is None and params.repetition_penalty != 1.0:
+                self._seen = self._new_table(torch.bool)
+        end = start + len(rows)
+        self._f32[:, start:end] = torch.tensor(f32, dtype=torch.float32).T.to(self.device, non_blocking=True)
+        self._i64[:, start:end] = torch.tensor(i64, dtype=torch.int64).T.to(self.device, non_blocking=True)
+        if self._counts is not None or self._seen is not None:
+            self._fill_tables(start, rows)
+        self._filter_rows = False
+
+    def _fill_tables(self, start: int, rows: list[tuple]) -> None:
+        """Counts of each row's output tokens; seen = its prompt and output tokens."""
+        end = start + len(rows)
+        out_r = [start + i for i, r in enumerate(rows) for _ in r[4]]
+        out_t = [t for r in rows for t in r[4]]
+        if self._counts is not None:
+            self._counts[start:end] = 0
+            if out_t:
+                r, t = self._index(out_r), self._index(out_t)
+                self._counts.index_put_((r, t), torch.ones_like(t, dtype=torch.int32), accumulate=True)
+        if self._seen is not None:
+            self._seen[start:end] = False
+            all_r = out_r + [start + i for i, r in enumerate(rows) for _ in r[3]]
+            all_t = out_t + [t for r in rows for t in r[3]]
+            if all_t:
+                self._seen[self._index(all_r), self._index(all_t)] = True
+
+    def remove(self, rows: list[int]) -> None:
+        """Drop these rows; the last rows move into the holes (see `owners` for the new order)."""
+        if not rows:
+            return
+        n = self.num_rows
+        gone = set(rows)
+        keep_n = n - len(gone)
+        holes = sorted(r for r in gone if r < keep_n)
+        movers = [r for r in range(keep_n, n) if r not in gone]
+        if holes:
+            dst, src = self._index(holes), self._index(movers)
+            for buf in (self._f32, self._i64):
+                buf[:, dst] = buf[:, src]
+            for table in (self._counts, self._seen):
+                if table is not None:
+                    table[dst] = table[src]
+            for h, m in zip(holes, movers):
+                self.owners[h], self.use_filter[h], self._logprobs[h] = \
+                    self.owners[m], self.use_filter[m], self._logprobs[m]
+        del self.owners[keep_n:], self.use_filter[keep_n:], self._logprobs[keep_n:]
+        # Rows past the end become inert again: padding rows are sampled (and ignored) by bucketed steps.
+        self._f32[:, keep_n:n] = torch.tensor(_NEUTRAL_F32, device=self.device)[:, None]
+        self._i64[0, keep_n:n] = 0
+        self._filter_rows = False
+
+    def clone(self) -> SamplingState:
+        """A detached copy of the current rows (e.g. to run a step for warm-up without changing this one)."""
+        other = copy.copy(self)
+        w = self.width
+        other._f32, other._i64 = self._f32[:, :w].clone(), self._i64[:, :w].clone()
+        other._counts = self._counts[:w].clone() if self._counts is not None else None
+        other._seen = self._seen[:w].clone() if self._seen is not None else None
+        other.capacity = w
+        other.owners, other.use_filter, other._logprobs = list(self.owners), list(self.use_filter), list(self._logprobs)
+        other.fused_graphs = {}
+        return other
+
+    def __deepcopy__(self, memo: dict) -> SamplingState:
+        return self.clone()
+
+    def _grow(self, capacity: int) -> None:
+        if capacity <= self.capacity:
+            return
+        n = self.num_rows
+        f32 = torch.tensor(_NEUTRAL_F32, device=self.device)[:, None].repeat(1, capacity)
+        i64 = torch.zeros(len(_I64), capacity, dtype=torch.int64, device=self.device)
+        f32[:, :n], i64[:, :n] = self._f32[:, :n], self._i64[:, :n]
+        self._f32, self._i64 = f32, i64
+        old = self.capacity
+        self.capacity = capacity
+        if self._counts is not None:
+            self._counts = torch.cat([self._counts, self._new_table(torch.int32)[old:]])
+        if self._seen is not None:
+            self._seen = torch.cat([self._seen, self._new_table(torch.bool)[old:]])
+        self.fused_graphs = {}  # captured over the old buffers
+
+    def _new_table(self, dtype: torch.dtype) -> torch.Tensor:
+        self.fused_graphs = {}  # a new table changes what a step reads and writes
+        return torch.zeros(self.capacity, self.vocab_size, dtype=dtype, device=self.device)
+
+    def _index(self, values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ views the samplers read
+    def _row(self, buf: torch.Tensor, names: tuple[str, ...], name: str) -> torch.Tensor:
+        return buf[names.index(name), : self.width]
+
+    temperature = property(lambda self: self._row(self._f32, _F32, "temperature"))
+    top_p = property(lambda self: self._row(self._f32, _F32, "top_p"))
+    min_p = property(lambda self: self._row(self._f32, _F32, "min_p"))
+    frequency = property(lambda self: self._row(self._f32, _F32, "frequency"))
+    presence = property(lambda self: self._row(self._f32, _F32, "presence"))
+    repetition = property(lambda self: self._row(self._f32, _F32, "repetition"))
+    top_k = property(lambda self: self._row(self._i64, _I64, "top_k"))
+    seeds = property(lambda self: self._row(self._i64, _I64, "seeds"))
+    steps = property(lambda self: self._row(self._i64, _I64, "steps"))
+    counts = property(lambda self: self._counts[: self.width] if self._counts is not None else None)
+    seen = property(lambda self: self._seen[: self.width] if self._seen is not None else None)
+
+    @property
+    def need_logprobs(self) -> bool:
+        return self.need_all_logprobs or any(k is not None for k in self._logprobs)
+
+    @property
+    def top_logprobs(self) -> int:
+        return max((k for k in self._logprobs if k is not None and k > 0), default=0)
+
+    @property
+    def filter_rows(self) -> torch.Tensor | None:
+        """Rows that need the sort for top-k/top-p (the reference sampler); rebuilt when rows change."""
+        if self._filter_rows is False:
+            # Built when the batch changes, not every step: a tensor made from a host list is a blocking copy.
+            rows = [r for r, use in enumerate(self.use_filter) if use]
+            self._filter_rows = self._index(rows) if rows else None
+        return self._filter_rows
 
     def record(self, tokens: torch.Tensor) -> None:
         """Account for the tokens just drawn (device ops only)."""
         valid = tokens.clamp(min=0)[:, None]
-        if self.counts is not None:
+        if self._counts is not None:
             self.counts.scatter_add_(1, valid, torch.ones_like(valid, dtype=torch.int32))
-        if self.seen is not None:
+        if self._seen is not None:
             self.seen.scatter_(1, valid, True)
-        self.steps += 1
+        self.steps.add_(1)
 
 
 def apply_penalties(logits: torch.Tensor, state: SamplingState) -> torch.Tensor:

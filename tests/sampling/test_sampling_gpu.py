@@ -28,10 +28,7 @@ def gen(tmp_path_factory):
 
 
 def _run(gen):
-    requests = [gen._make_requests([f"prompt {i}"], p)[0] for i, p in enumerate(PARAMS)]
-    for _ in gen._run(requests):
-        pass
-    return [r.seqs[0].output_ids for r in requests]
+    return [o.token_ids for o in gen.generate([f"prompt {i}" for i in range(len(PARAMS))], PARAMS)]
 
 
 def test_fused_sampler_generation_equals_reference(gen, monkeypatch):

@@ -1,0 +1,407 @@
+"""The engine: one thread that owns the model, the KV cache and the sampler, and runs steps while there is work.
+
+Callers (any thread, or an asyncio loop) submit Requests and read their events from per-request queues;
+the engine thread admits them at the next step (decoding/scheduler.py), runs the step, samples, and
+posts text pieces and completion. The thread is a daemon, started on the first submission and ended
+after a short idle time, at `close()` or at interpreter exit, so it never keeps a process alive.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import torch
+
+from decoding.cache import KVCache, blocks_for, bytes_per_block
+from decoding.errors import CacheExhausted, DecodingError
+from decoding.metrics import Metrics
+from decoding.runner import ModelRunner, StepInput
+from decoding.sampling.sampler import SamplingState, bucket, sample
+from decoding.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from decoding.sequence import Sequence
+
+_IDLE_EXIT_S = 2.0  # the thread ends after this long without work; the next submission starts another
+_CPU_KV_BYTES = 1 << 30
+_ids = itertools.count()
+_ENGINES: weakref.WeakSet = weakref.WeakSet()
+
+
+class Request:
+    """One prompt, its candidate sequences, and where its events go (`sink`, called on the engine thread).
+
+    Events: ("delta", text) while streaming, then ("done", None) once every candidate has finished and
+    its KV blocks are back in the pool.
+    """
+
+    def __init__(self, prompt: str, prompt_ids: list[int], seqs: list[Sequence], stream: bool = False,
+                 sink: Callable[[tuple], None] | None = None) -> None:
+        self.id = next(_ids)
+        self.prompt, self.prompt_ids, self.seqs = prompt, prompt_ids, seqs
+        self.stream = stream
+        self.sink = sink
+        self.t_arrival = time.perf_counter()
+        self.t_first = 0.0
+        self.finished = False
+        self.error: BaseException | None = None  # an engine failure (a NaN row is the sequence's own error)
+        self.unfinished = len(seqs)
+        for seq in seqs:
+            seq.request = self
+        seqs[0].forks = list(seqs[1:])
+
+    def post(self, event: tuple) -> None:
+        if self.sink is not None:
+            try:
+                self.sink(event)
+            except RuntimeError:  # an asyncio loop that closed meanwhile: nobody is listening any more
+                pass
+
+
+class Engine:
+    """Continuous batching over a ModelRunner (see the module docstring)."""
+
+    def __init__(self, runner: ModelRunner, eos_token_ids: list[int], config: SchedulerConfig) -> None:
+        self.runner = runner
+        self.eos = list(eos_token_ids)
+        self.config = config
+        self.scheduler: Scheduler | None = None
+        self.sampler: SamplingState | None = None
+        self.metrics = Metrics()
+        self._cond = threading.Condition()
+        self._inbox: list[Request] = []
+        self._cancels: list[Request] = []
+        self._jobs: list[tuple[Callable, Future]] = []
+        self._live: dict[int, Request] = {}  # engine thread only
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        _ENGINES.add(self)
+
+    # ------------------------------------------------------------------ any thread
+    def start(self) -> None:
+        """Size and allocate the KV cache (once); submission calls this itself."""
+        with self._cond:
+            if self.scheduler is None:
+                self._allocate()
+
+    @property
+    def num_blocks(self) -> int:
+        self.start()
+        return self.scheduler.pool.num_blocks
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queue requests for the next step; raises CacheExhausted for one that could never fit."""
+        with self._cond:
+            if self._closed:
+                raise DecodingError("this Generator is closed")
+            if self.scheduler is None:
+                self._allocate()
+            for req in requests:
+                seq = req.seqs[0]
+                need = self.scheduler.blocks_needed(len(req.prompt_ids), seq.budget, len(req.seqs))
+                if need > self.scheduler.pool.num_blocks:
+                    raise CacheExhausted(
+                        f"request needs {need} KV blocks of {self.runner.block_size} tokens (prompt {len(req.prompt_ids)} "
+                        f"+ up to {seq.budget} new tokens, {len(req.seqs)} candidate(s)) but the whole cache has "
+                        f"{self.scheduler.pool.num_blocks}: lower max_tokens, or raise num_kv_blocks / "
+                        f"gpu_memory_utilization")
+            self._inbox.extend(requests)
+            self.metrics.requests_submitted += len(requests)
+            self.metrics.prompt_tokens += sum(len(r.prompt_ids) for r in requests)
+            self._wake()
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request at the next step boundary: its blocks are freed, then it posts ("done", None)."""
+        with self._cond:
+            if not request.finished:
+                self._cancels.append(request)
+                self._wake()
+
+    def call(self, fn: Callable[[Engine], object]) -> object:
+        """Run fn(engine) on the engine thread between two steps (it may use the KV pool) and return its result."""
+        if threading.current_thread() is self._thread:
+            return fn(self)
+        fut: Future = Future()
+        with self._cond:
+            if self._closed:
+                raise DecodingError("this Generator is closed")
+            if self.scheduler is None:
+                self._allocate()
+            self._jobs.append((fn, fut))
+            self._wake()
+        return fut.result()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel every request, stop the thread, refuse new work."""
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    def metrics_snapshot(self) -> dict:
+        m, now = self.metrics, time.perf_counter()
+        sched = self.scheduler
+        pool = sched.pool if sched is not None else None
+        free = pool.num_free if pool is not None else 0
+        total = pool.num_blocks if pool is not None else 0
+        queried = sched.prefix_queried_tokens if sched is not None else 0
+        return {
+            "requests_running": len(sched.running) if sched is not None else 0,
+            "requests_waiting": (len(sched.waiting) if sched is not None else 0) + len(self._inbox),
+            "requests_submitted_total": m.requests_submitted,
+            "requests_finished_total": m.requests_finished,
+            "requests_cancelled_total": m.requests_cancelled,
+            "requests_failed_total": m.requests_failed,
+            "prompt_tokens_total": m.prompt_tokens,
+            "generation_tokens_total": m.generation_tokens,
+            "prefill_tokens_total": sched.prefill_tokens if sched is not None else 0,
+            "steps_total": m.steps,
+            "tokens_per_second": m.tokens_per_second(now),
+            "time_to_first_token": m.ttft.snapshot(),
+            "inter_token_latency": m.itl.snapshot(),
+            "kv_blocks_total": total,
+            "kv_blocks_used": total - free,
+            "kv_blocks_free": free,
+            "kv_blocks_cached": pool.num_cached if pool is not None else 0,
+            "preemptions_total": sched.num_preemptions if sched is not None else 0,
+            "prefix_cache_hit_rate": sched.prefix_hit_tokens / queried if queried else 0.0,
+        }
+
+    def _wake(self) -> None:  # with self._cond held
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="decoding-engine", daemon=True)
+            self._thread.start()
+        self._cond.notify_all()
+
+    # ------------------------------------------------------------------ KV cache size
+    def _allocate(self) -> None:
+        cfg, runner = self.config, self.runner
+        per_block = bytes_per_block(runner.config, runner.block_size, runner.dtype)
+        context_blocks = blocks_for(runner.config.max_position_embeddings, runner.block_size)
+        if cfg.num_kv_blocks is not None:
+            num_blocks = cfg.num_kv_blocks
+        elif runner.device.type == "cuda":
+            num_blocks = self._gpu_blocks(per_block)
+        else:
+            num_blocks = max(min(_CPU_KV_BYTES // per_block, 64 * context_blocks), context_blocks + 1)
+        cache = runner.allocate_cache(num_blocks)
+        self.scheduler = Scheduler(cfg, cache.pool, runner.block_size)
+        self.sampler = SamplingState([], [], [], [], runner.config.vocab_size, runner.device,
+                                     capacity=bucket(cfg.max_num_seqs), pad_to_bucket=runner.device.type == "cuda")
+
+    def _gpu_blocks(self, per_block: int) -> int:
+        """What gpu_memory_utilization leaves for KV after the weights, a profiled prefill step of
+        max_num_batched_tokens tokens and the sampler's buffers at max_num_seqs rows (as vLLM does)."""
+        runner, cfg, dev = self.runner, self.config, self.runner.device
+        tokens = cfg.max_num_batched_tokens
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        nb = blocks_for(tokens, runner.block_size)
+        runner.cache = KVCache(runner.config, nb, runner.block_size, dev, runner.dtype)
+        runner.step(StepInput([list(range(nb))], [tokens], [0] * tokens, [tokens]))
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - before - nb * per_block
+        runner.cache = None
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        # fp32 logits, their gathered copy, the graphed sampler's input and scratch, log-softmax; counts + seen
+        sampler = bucket(cfg.max_num_seqs) * runner.config.vocab_size * (5 * 4 + 5)
+        budget = total * cfg.gpu_memory_utilization - (total - free) - peak - sampler
+        if budget < per_block:
+            raise CacheExhausted(
+                f"no GPU memory left for the KV cache: {total / 2**30:.1f} GiB x gpu_memory_utilization "
+                f"{cfg.gpu_memory_utilization} minus {(total - free) / 2**30:.1f} GiB in use, {peak / 2**30:.2f} GiB "
+                f"for a {tokens}-token step and {sampler / 2**30:.2f} GiB for the sampler")
+        return int(budget // per_block)
+
+    # ------------------------------------------------------------------ the engine thread
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._inbox or self._cancels or self._jobs or self._closed or self.scheduler.has_work):
+                    if not self._cond.wait(_IDLE_EXIT_S) and not (self._inbox or self._cancels or self._jobs):
+                        if not self.scheduler.has_work:
+                            self._thread = None
+                            return
+                inbox, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, []
+                jobs, self._jobs = self._jobs, []
+                closed = self._closed
+            try:
+                with torch.inference_mode():
+                    for req in inbox:
+                        self._live[req.id] = req
+                        self.scheduler.add(req.seqs[0])
+                    for req in cancels:
+                        self._abort(req, "cancelled")
+                    for fn, fut in jobs:
+                        self._run_job(fn, fut)
+                    if closed:
+                        for req in list(self._live.values()):
+                            self._abort(req, "cancelled")
+                        with self._cond:
+                            self._thread = None
+                            for fn, fut in self._jobs:
+                                fut.set_exception(DecodingError("this Generator is closed"))
+                            self._jobs = []
+                        return
+                    if self.scheduler.has_work:
+                        self._step()
+            except Exception as e:  # a bug or a device error: fail what is live, keep serving
+                for req in list(self._live.values()):
+                    self._abort(req, "error", e)
+
+    def _run_job(self, fn: Callable, fut: Future) -> None:
+        try:
+            fut.set_result(fn(self))
+        except Exception as e:
+            fut.set_exception(e)
+
+    def make_room(self, num_blocks: int) -> None:
+        """Preempt running sequences (newest first) until num_blocks blocks are free (for jobs)."""
+        pool = self.scheduler.pool
+        if num_blocks > pool.num_blocks:
+            raise CacheExhausted(f"needs {num_blocks} KV blocks, the whole cache has {pool.num_blocks}")
+        out = SchedulerOutput()
+        while pool.num_free < num_blocks and self.scheduler.running:
+            self.scheduler.preempt(self.scheduler.running[-1], out)
+        self._drop_rows(out.preempted)
+
+    def _step(self) -> None:
+        sched, state = self.scheduler, self.sampler
+        out = sched.schedule()
+        self._drop_rows(out.preempted)
+        items = out.scheduled
+        if not items:
+            if not out.preempted:  # would spin: a scheduler bug, failed loudly by the loop rather than hung
+                raise RuntimeError("the scheduler made no progress")
+            return
+        try:
+            inp = StepInput([it.seq.blocks for it in items], [it.seq.num_computed + it.num_tokens for it in items],
+                            [t for it in items for t in it.seq.token_slice(it.seq.num_computed,
+                                                                            it.seq.num_computed + it.num_tokens)],
+                            [it.num_tokens for it in items])
+            logits = self.runner.step(inp)
+        except Exception as e:
+            for req in {id(it.seq.request): it.seq.request for it in items}.values():
+                self._abort(req, "error", e)
+            return
+        row_of = {id(it.seq): i for i, it in enumerate(items)}
+        copies = []
+        for i, it in enumerate(items):
+            for fork, dst in it.forks:
+                row_of[id(fork)] = i
+                if dst is not None:
+                    copies.append((it.seq.blocks[it.seq.num_tokens // self.runner.block_size], dst))
+        if copies:
+            self._copy_blocks(copies)
+        joined = sched.step_done(out)
+        state.add_rows([(s.params, s.temperature, s.seed, s.prompt_ids, s.output_ids, s, len(s.request.seqs) > 1)
+                        for s in joined])
+        if not state.num_rows:
+            return
+        rows = [row_of[id(s)] for s in state.owners]
+        if state.width == len(rows) == logits.shape[0] and rows == list(range(len(rows))):
+            selected = logits
+        else:
+            rows += [rows[0]] * (state.width - len(rows))  # padding rows: sampled, then ignored
+            selected = logits.index_select(0, torch.tensor(rows).to(logits.device, non_blocking=True))
+        self._accept(sample(selected, state))
+
+    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy-on-write of forked candidates' partial last prompt block, in every layer."""
+        cache = self.runner.cache
+        src = torch.tensor([s for s, _ in pairs]).to(self.runner.device, non_blocking=True)
+        dst = torch.tensor([d for _, d in pairs]).to(self.runner.device, non_blocking=True)
+        for layer_cache in (*cache.k, *cache.v):
+            layer_cache.index_copy_(0, dst, layer_cache.index_select(0, src))
+
+    def _accept(self, result) -> None:
+        """Hand each sampling sequence its token (one host sync for the batch), retire finished ones."""
+        state = self.sampler
+        owners = list(state.owners)
+        n = len(owners)
+        tokens = result.tokens[:n].tolist()
+        chosen = result.logprobs[:n].tolist() if result.logprobs is not None else [None] * n
+        tops = [None] * n
+        if result.top_ids is not None:
+            tops = [list(zip(i, lp)) for i, lp in zip(result.top_ids[:n].tolist(), result.top_logprobs[:n].tolist())]
+        now = time.perf_counter()
+        done_rows, done = [], []
+        for row, (seq, token, lp, top) in enumerate(zip(owners, tokens, chosen, tops)):
+            if token < 0:
+                seq.fail(f"the model produced NaN or infinite logits at generated token {len(seq.output_ids)}")
+            else:
+                seq.append(token, self.eos, lp, top[: seq.params.logprobs or 0] if top else None)
+            req = seq.request
+            if not req.t_first:
+                req.t_first = now
+                self.metrics.ttft.observe(now - req.t_arrival)
+            elif len(seq.token_times) > 1:
+                self.metrics.itl.observe(seq.token_times[-1] - seq.token_times[-2])
+            if req.stream:
+                delta = seq.take_delta()
+                if delta:
+                    req.post(("delta", delta))
+            if seq.finish_reason is not None:
+                done_rows.append(row)
+                done.append(seq)
+        self.metrics.record_step(now, n)
+        if done:
+            state.remove(done_rows)
+            self.scheduler.finish(done)
+            for seq in done:
+                seq.request.unfinished -= 1
+                if seq.request.unfinished == 0:
+                    self._complete(seq.request)
+
+    def _drop_rows(self, seqs: list[Sequence]) -> None:
+        if seqs:
+            gone = {id(s) for s in seqs}
+            self.sampler.remove([i for i, o in enumerate(self.sampler.owners) if id(o) in gone])
+
+    def _abort(self, req: Request, reason: str, error: BaseException | None = None) -> None:
+        """End a request now (cancelled, or failed): its unfinished candidates stop and free their blocks."""
+        if req.finished:
+            return
+        live = [s for s in req.seqs if s.finish_reason is None]
+        for seq in live:
+            seq.finish_reason = reason
+            if error is not None:
+                seq.error = f"{type(error).__name__}: {error}"
+        if error is not None:
+            req.error = error
+        self._drop_rows(live)
+        self.scheduler.finish(live)
+        self._complete(req, reason)
+
+    def _complete(self, req: Request, reason: str | None = None) -> None:
+        req.finished = True
+        self._live.pop(req.id, None)
+        m = self.metrics
+        if reason == "cancelled":
+            m.requests_cancelled += 1
+        elif reason == "error":
+            m.requests_failed += 1
+        else:
+            m.requests_finished += 1
+        for seq in req.seqs:
+            if req.stream:
+                delta = seq.take_delta()
+                if delta:
+                    req.post(("delta", delta))
+        req.post(("done", None))
+
+
+@atexit.register
+def _close_all() -> None:
+    for engine in list(_ENGINES):
+        engine.close(timeout=2.0)

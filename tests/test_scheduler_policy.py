@@ -1,0 +1,123 @@
+"""The scheduler alone (no model): a simulated KV cache records what each slot holds (a token's K/V depends
+on the token and everything before it), so every step can check that each running sequence's blocks hold
+exactly its own context, through chunked prefill, prefix
+caching, forks with copy-on-write and preemption; and that the pool is whole when everything has ended."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from decoding.cache import BlockPool, blocks_for
+from decoding.errors import InvalidRequest
+from decoding.scheduler import Scheduler, SchedulerConfig
+
+BS = 4
+
+
+class Seq:
+    """What the scheduler reads and writes of a decoding.sequence.Sequence."""
+
+    def __init__(self, prompt: list[int], budget: int) -> None:
+        self.prompt_ids, self.output_ids, self.budget = prompt, [], budget
+        self.blocks, self.chain, self.forks = [], [], []
+        self.num_computed, self.decoding, self.running, self.order, self.scheduled_step = 0, False, False, 0, -1
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        return (self.prompt_ids + self.output_ids)[start:stop]
+
+
+def check_kv(kv: dict, seqs: list[Seq]) -> None:
+    for s in seqs:
+        assert len(s.blocks) == blocks_for(s.num_computed, BS)
+        held = [kv.get((s.blocks[p // BS], p % BS)) for p in range(s.num_computed)]
+        assert held == [tuple(s.token_slice(0, p + 1)) for p in range(s.num_computed)]
+
+
+def check_refcounts(pool: BlockPool, seqs: list[Seq]) -> None:
+    expected = [0] * pool.num_blocks
+    for s in seqs:
+        for b in s.blocks:
+            expected[b] += 1
+    assert [pool.refcount(b) for b in range(pool.num_blocks)] == expected
+    assert pool.num_free == sum(1 for e in expected if e == 0)
+
+
+def simulate(rng: random.Random, config: SchedulerConfig, num_blocks: int, num_requests: int) -> Scheduler:
+    pool = BlockPool(num_blocks)
+    sched = Scheduler(config, pool, BS)
+    kv: dict[tuple[int, int], tuple] = {}  # (block, offset) -> the tokens up to the one whose K/V it holds
+    # Few distinct token ids, so equal blocks often follow different prefixes (which must not share K/V).
+    prefixes = [[rng.randrange(3) for _ in range(rng.randint(1, 12))] for _ in range(4)]
+    requests, submitted = [], 0
+    for _ in range(100_000):
+        if submitted < num_requests and rng.random() < 0.4:  # arrivals: often a shared prefix
+            prompt = rng.choice(prefixes)[:] + [rng.randrange(3) for _ in range(rng.randint(0, 6))]
+            budget, n = rng.randint(1, 12), rng.choice([1, 1, 1, 2, 3])
+            if sched.blocks_needed(len(prompt), budget, n) <= num_blocks and n <= config.max_num_seqs:
+                seqs = [Seq(prompt, budget) for _ in range(n)]
+                seqs[0].forks = seqs[1:]
+                sched.add(seqs[0])
+                requests.append(seqs)
+            submitted += 1
+        if requests and rng.random() < 0.02:  # a cancellation
+            seqs = requests.pop(rng.randrange(len(requests)))
+            sched.finish(seqs)
+        if not sched.has_work:
+            if submitted >= num_requests:
+                break
+            continue
+        out = sched.schedule()
+        assert out.scheduled or out.preempted
+        assert sum(it.num_tokens for it in out.scheduled) <= config.max_num_batched_tokens
+        for it in out.scheduled:  # the step writes the new tokens' K/V
+            s = it.seq
+            for p in range(s.num_computed, s.num_computed + it.num_tokens):
+                kv[(s.blocks[p // BS], p % BS)] = tuple(s.token_slice(0, p + 1))
+            for fork, dst in it.forks:  # copy-on-write of the partial last prompt block
+                if dst is not None:
+                    src = s.blocks[s.num_tokens // BS]
+                    for off in range(BS):
+                        kv[(dst, off)] = kv.get((src, off))
+        sched.step_done(out)
+        assert len(sched.running) <= config.max_num_seqs
+        done = []
+        for s in sched.running:
+            if s.decoding:  # every decoding sequence was scheduled, and samples a token now
+                assert s.num_computed == s.num_tokens
+                s.output_ids.append(hash((tuple(s.prompt_ids), len(s.output_ids), id(s) % 3)) % 3)
+                if len(s.output_ids) == s.budget:
+                    done.append(s)
+        sched.finish(done)
+        live = sched.running
+        check_kv(kv, live)
+        check_refcounts(pool, live)
+        requests = [r for r in requests if any(s.running or s in sched.waiting for s in r)]
+    assert not sched.has_work
+    assert pool.num_free == num_blocks and all(pool.refcount(b) == 0 for b in range(num_blocks))
+    return sched
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_workload_keeps_kv_consistent_and_pool_whole(seed):
+    rng = random.Random(seed)
+    config = SchedulerConfig(max_num_batched_tokens=rng.choice([8, 12, 32]), max_num_seqs=rng.choice([2, 4, 8]),
+                             enable_prefix_caching=seed % 3 != 2, watermark=rng.choice([0.0, 0.1]),
+                             static_batch_size=4 if seed % 6 == 5 else None)
+    sched = simulate(rng, config, num_blocks=rng.choice([7, 9, 12]), num_requests=200)
+    if config.enable_prefix_caching:
+        assert sched.prefix_hit_tokens > 0
+    assert sched.num_preemptions > 0 or seed % 6 == 5
+
+
+def test_config_is_checked():
+    with pytest.raises(InvalidRequest, match="max_num_batched_tokens \\(8\\) must be >= max_num_seqs \\(16\\)"):
+        SchedulerConfig(max_num_batched_tokens=8, max_num_seqs=16)
+    with pytest.raises(InvalidRequest, match="gpu_memory_utilization must be in \\(0, 1\\]"):
+        SchedulerConfig(gpu_memory_utilization=1.5)
+    assert SchedulerConfig(max_num_batched_tokens=32).max_num_seqs == 32
