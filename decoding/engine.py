@@ -175,7 +175,8 @@ class Engine:
 
     def _wake(self) -> None:  # with self._cond held
         if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="decoding-engine", daemon=True)
+            self._thread = threading.Thread(target=_engine_thread, args=(weakref.ref(self), self._cond),
+                                            name="decoding-engine", daemon=True)
             self._thread.start()
         self._cond.notify_all()
 
@@ -204,9 +205,13 @@ class Engine:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
-        nb = blocks_for(tokens, runner.block_size)
+        # The costliest step: chunks of `tokens` new tokens at the end of full-context sequences (attention
+        # over the whole context); every sequence reads the same scratch blocks, whose contents do not matter.
+        context = runner.config.max_position_embeddings
+        nb = blocks_for(context, runner.block_size)
+        chunks = [min(context, tokens - start) for start in range(0, tokens, context)]
         runner.cache = KVCache(runner.config, nb, runner.block_size, dev, runner.dtype)
-        runner.step(StepInput([list(range(nb))], [tokens], [0] * tokens, [tokens]))
+        runner.step(StepInput([list(range(nb))] * len(chunks), [context] * len(chunks), [0] * tokens, chunks))
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - before - nb * per_block
         runner.cache = None
@@ -223,41 +228,40 @@ class Engine:
         return int(budget // per_block)
 
     # ------------------------------------------------------------------ the engine thread
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._inbox or self._cancels or self._jobs or self._closed or self.scheduler.has_work):
-                    if not self._cond.wait(_IDLE_EXIT_S) and not (self._inbox or self._cancels or self._jobs):
-                        if not self.scheduler.has_work:
-                            self._thread = None
-                            return
-                inbox, self._inbox = self._inbox, []
-                cancels, self._cancels = self._cancels, []
-                jobs, self._jobs = self._jobs, []
-                closed = self._closed
-            try:
-                with torch.inference_mode():
-                    for req in inbox:
-                        self._live[req.id] = req
-                        self.scheduler.add(req.seqs[0])
-                    for req in cancels:
+    def _pending(self) -> bool:  # with self._cond held
+        return bool(self._inbox or self._cancels or self._jobs or self._closed or self.scheduler.has_work)
+
+    def _take_pending(self) -> tuple:  # with self._cond held
+        taken = (self._inbox, self._cancels, self._jobs, self._closed)
+        self._inbox, self._cancels, self._jobs = [], [], []
+        return taken
+
+    def _work(self, inbox: list[Request], cancels: list[Request], jobs: list, closed: bool) -> bool:
+        """One turn of the loop: new requests, cancellations, jobs, then one step. True: the thread ends."""
+        try:
+            with torch.inference_mode():
+                for req in inbox:
+                    self._live[req.id] = req
+                    self.scheduler.add(req.seqs[0])
+                for req in cancels:
+                    self._abort(req, "cancelled")
+                for fn, fut in jobs:
+                    self._run_job(fn, fut)
+                if closed:
+                    for req in list(self._live.values()):
                         self._abort(req, "cancelled")
-                    for fn, fut in jobs:
-                        self._run_job(fn, fut)
-                    if closed:
-                        for req in list(self._live.values()):
-                            self._abort(req, "cancelled")
-                        with self._cond:
-                            self._thread = None
-                            for fn, fut in self._jobs:
-                                fut.set_exception(DecodingError("this Generator is closed"))
-                            self._jobs = []
-                        return
-                    if self.scheduler.has_work:
-                        self._step()
-            except Exception as e:  # a bug or a device error: fail what is live, keep serving
-                for req in list(self._live.values()):
-                    self._abort(req, "error", e)
+                    with self._cond:
+                        self._thread = None
+                        for fn, fut in self._jobs:
+                            fut.set_exception(DecodingError("this Generator is closed"))
+                        self._jobs = []
+                    return True
+                if self.scheduler.has_work:
+                    self._step()
+        except Exception as e:  # a bug or a device error: fail what is live, keep serving
+            for req in list(self._live.values()):
+                self._abort(req, "error", e)
+        return False
 
     def _run_job(self, fn: Callable, fut: Future) -> None:
         try:
@@ -399,6 +403,31 @@ class Engine:
                 if delta:
                     req.post(("delta", delta))
         req.post(("done", None))
+
+
+def _engine_thread(ref: weakref.ref, cond: threading.Condition) -> None:
+    """The engine loop. It holds its Engine only while there is work, so a Generator its owner dropped is
+    freed (model and KV cache) at once, and the thread then ends; it also ends after _IDLE_EXIT_S idle."""
+    while True:
+        with cond:
+            engine = ref()
+            if engine is None:
+                return
+            if not engine._pending():
+                del engine
+                notified = cond.wait(_IDLE_EXIT_S)
+                engine = ref()
+                if engine is None:
+                    return
+                if not engine._pending():
+                    if not notified:
+                        engine._thread = None
+                        return
+                    continue
+            taken = engine._take_pending()
+        if engine._work(*taken):
+            return
+        del engine
 
 
 @atexit.register

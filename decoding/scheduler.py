@@ -157,7 +157,7 @@ class Scheduler:
 
     def _admit(self, budget: int, out: SchedulerOutput) -> None:
         static = self.config.static_batch_size
-        if static is not None and self.running:
+        if not self.waiting or (static is not None and self.running):
             return
         admitted = 0
         # Candidates yet to fork count too, and those forking after this step (they join at step_done).
@@ -271,7 +271,8 @@ class Scheduler:
             if not seq.decoding:
                 self.prefill_tokens += item.num_tokens
             seq.num_computed += item.num_tokens
-            self._register(seq)
+            if seq.num_computed // self.block_size > len(seq.chain):
+                self._register(seq)
             if not seq.decoding and seq.num_computed == seq.num_tokens:
                 seq.decoding = True
                 joined.append(seq)

@@ -160,3 +160,20 @@ def test_bad_options_and_params_are_refused(gen):
     small.close()
     with pytest.raises(DecodingError, match="closed"):
         small.generate("a")
+
+
+def test_dropped_generator_frees_its_cache_at_once(gen):
+    """The engine thread holds its engine only while working: a Generator its owner drops is freed (the
+    KV cache with it) without close(), so another one can size its cache from free memory right after."""
+    import gc
+    import weakref
+
+    other = Generator(gen.model, gen.tokenizer, num_kv_blocks=8)
+    other.generate("x", GREEDY)
+    engine, k_cache = weakref.ref(other.engine), weakref.ref(other.runner.cache.k[0])
+    del other
+    deadline = time.monotonic() + 5
+    while (engine() is not None or k_cache() is not None) and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.01)
+    assert engine() is None and k_cache() is None
