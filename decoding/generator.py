@@ -64,19 +64,21 @@ class Generator:
     >>> gen.generate("def fibonacci(n):", SamplingParams(max_tokens=32, temperature=0)).text
     """
 
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, block_size: int = 16) -> None:
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, block_size: int = 16,
+                 runner: ModelRunner | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.config = model.config
+        self.config = model.config if model.tp is None else model.tp.config  # the whole model's, not a shard's
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
         self.block_size = block_size
-        self.runner = ModelRunner(model, block_size)
+        self.runner = runner if runner is not None else ModelRunner(model, block_size)
         self.model_path: str = "<in memory>"
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, progress: bool = True) -> Generator:
+                        dtype: str | torch.dtype | None = None, progress: bool = True,
+                        tensor_parallel_size: int = 1) -> Generator:
         """Load a HF checkpoint directory, a .gguf file, or (path=None) the embedded default model.
 
         Parameters
@@ -85,12 +87,26 @@ class Generator:
         device : "cuda", "cpu", ... (default: CUDA when available).
         dtype : "bfloat16" | "float16" | "float32" | "auto" (default: bf16 on CUDA, fp32 on CPU).
         progress : show a progress bar while loading.
+        tensor_parallel_size : split the model over this many GPUs (cuda:i .. cuda:i+N-1 for device
+            "cuda:i"; CPU processes over gloo for device "cpu"). N-1 worker processes are started and
+            driven from this one; under torchrun, the ranks are torchrun's (see decoding.parallel).
+            Call close() (or use a with block) to stop them; garbage collection and exit also do.
         """
         from decoding import loader
 
         device, dtype = resolve_device_dtype(device, dtype)
-        model, tokenizer = loader.load(path, device, dtype, progress=progress)
-        gen = cls(model, tokenizer)
+        if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
+                or tensor_parallel_size < 1:
+            raise InvalidRequest(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
+        if tensor_parallel_size > 1:
+            from decoding import workers
+
+            runner, tokenizer = workers.launch(workers.LoadSpec(path=None if path is None else str(path)),
+                                               tensor_parallel_size, device, dtype, progress=progress)
+            gen = cls(runner.model, tokenizer, runner.block_size, runner=runner)
+        else:
+            model, tokenizer = loader.load(path, device, dtype, progress=progress)
+            gen = cls(model, tokenizer)
         gen.model_path = str(path) if path is not None else "embedded: SmolLM2-135M-Instruct (GGUF Q4_1)"
         return gen
 
@@ -148,36 +164,50 @@ class Generator:
         prompt_ids = self.tokenizer.encode(prompt)
         comp_ids = [self.tokenizer.encode(c, add_special_tokens=False) for c in completions]
         seqs = [prompt_ids + ids for ids in comp_ids]
+        rows, start = [], 0  # the new-token index whose logits predict each completion token
+        for s, ids in zip(seqs, comp_ids):
+            rows.extend(range(start + len(s) - len(ids) - 1, start + len(s) - 1))
+            start += len(s)
+        if not rows:
+            return [-float("inf")] * len(completions)
         cache = self.runner.ensure_cache(sum(self._blocks_for(len(s)) for s in seqs))
         tables = [cache.pool.allocate(self._blocks_for(len(s))) for s in seqs]
         try:
             lens = [len(s) for s in seqs]
-            hidden = self.runner.forward_hidden(StepInput(tables, lens, [t for s in seqs for t in s], lens))
+            logits = self.runner.logits_at(StepInput(tables, lens, [t for s in seqs for t in s], lens), rows)
         finally:
             for table in tables:
                 cache.pool.free(table)
+        lp = logits.log_softmax(-1).gather(1, torch.tensor([t for ids in comp_ids for t in ids],
+                                                           device=self.device)[:, None])[:, 0]
         scores, start = [], 0
-        for s, ids in zip(seqs, comp_ids):
-            n_prompt = len(s) - len(ids)
-            if ids:  # hidden at position p predicts token p + 1
-                lp = self.model.compute_logits(hidden[start + n_prompt - 1: start + len(s) - 1]).log_softmax(-1)
-                target = torch.tensor(ids, device=self.device)[:, None]
-                scores.append(lp.gather(1, target).mean().item())
-            else:
-                scores.append(-float("inf"))
-            start += len(s)
+        for ids in comp_ids:  # an empty completion scores -inf
+            scores.append(lp[start: start + len(ids)].mean().item() if ids else -float("inf"))
+            start += len(ids)
         return scores
+
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any (idempotent; the Generator is unusable after)."""
+        self.runner.close()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def info(self) -> dict:
         c = self.config
         return {
             "model": self.model_path,
             "architecture": c.model_type,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            # under tensor parallelism: the parameters of this process's shard (rank 0)
+            "parameters" if self.model.tp is None else "parameters_rank0": sum(p.numel() for p in self.model.parameters()),
             "layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
             "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
             "vocab_size": c.vocab_size, "context_window": c.max_position_embeddings,
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "tensor_parallel_size": 1 if self.model.tp is None else self.model.tp.world_size,
             "op_backends": ops.active_backends(self.device),
         }
 
@@ -216,13 +246,15 @@ class Generator:
     def _fork(self, cache: KVCache, req: _Request, prompt_blocks: list[int]) -> None:
         """Give each candidate the prompt's KV: full blocks shared, the partial last block copied."""
         n_prompt, full = len(req.prompt_ids), len(req.prompt_ids) // self.block_size
+        copies = []
         for seq in req.seqs:
             own = cache.pool.allocate(self._blocks_for(n_prompt + seq.budget) - full)
             cache.pool.share(prompt_blocks[:full])
             seq.blocks = prompt_blocks[:full] + own
             if n_prompt % self.block_size:
-                for layer_cache in (*cache.k, *cache.v):
-                    layer_cache[own[0]].copy_(layer_cache[prompt_blocks[full]])
+                copies.append((prompt_blocks[full], own[0]))
+        if copies:
+            self.runner.copy_blocks(copies)
         cache.pool.free(prompt_blocks)
 
     def _run(self, requests: list[_Request]) -> Iterator[Sequence]:

@@ -61,9 +61,22 @@ class ModelRunner:
         if self.cache is None or self.cache.pool.num_free < need:
             if self.cache is not None and self.cache.pool.num_free != self.cache.num_blocks:
                 raise InvalidRequest("the KV cache is in use by another call on this Generator")
-            self.cache = None  # free the old pool before taking a bigger one
-            self.cache = KVCache(self.config, need, self.block_size, self.device, self.dtype)
+            self.allocate_cache(need)
         return self.cache
+
+    def allocate_cache(self, num_blocks: int) -> None:
+        """A new, empty pool of `num_blocks` blocks (tensor-parallel workers get the driver's count)."""
+        self.cache = None  # free the old pool before taking a bigger one
+        self.cache = KVCache(self.config, num_blocks, self.block_size, self.device, self.dtype)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy the K/V of block src into block dst, for each (src, dst), in every layer."""
+        for layer_cache in (*self.cache.k, *self.cache.v):
+            for src, dst in pairs:
+                layer_cache[dst].copy_(layer_cache[src])
+
+    def close(self) -> None:
+        """Release what the runner holds outside this process (tensor-parallel workers); idempotent."""
 
     @torch.inference_mode()
     def forward_hidden(self, inp: StepInput) -> torch.Tensor:
@@ -82,3 +95,9 @@ class ModelRunner:
             last = torch.tensor(inp.query_lens).cumsum(0).sub(1).to(self.device, non_blocking=True)
             hidden = hidden[last]
         return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def logits_at(self, inp: StepInput, rows: list[int]) -> torch.Tensor:
+        """The step's fp32 logits at the given new-token indices (into input_ids), [len(rows), vocab]."""
+        hidden = self.forward_hidden(inp)
+        return self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)])
