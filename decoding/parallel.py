@@ -186,6 +186,11 @@ class TensorParallel:
     def backend(self) -> str:
         return "nccl" if self.device.type == "cuda" else "gloo"
 
+    @property
+    def all_reduce_name(self) -> str:
+        """What all_reduce runs: "nccl", "gloo" (the default on CPU) or "symm_mem"."""
+        return self.backend if self.all_reduce_impl == "nccl" else self.all_reduce_impl
+
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum of x over the ranks (in place for NCCL/gloo; a new tensor from the one-shot path)."""
         if self._symm is not None and self._symm.fits(x):

@@ -41,8 +41,15 @@ import torch.distributed as dist
 from decoding.config import ModelConfig
 from decoding.errors import DecodingError, InvalidRequest
 from decoding.models.llama import LlamaModel
-from decoding.parallel import (NO_MULTICAST_ENV, TensorParallel, bench_all_reduce, check_multicast_disabled,
-                               disable_multicast, init_process_group, shard_config)
+from decoding.parallel import (
+    NO_MULTICAST_ENV,
+    TensorParallel,
+    bench_all_reduce,
+    check_multicast_disabled,
+    disable_multicast,
+    init_process_group,
+    shard_config,
+)
 from decoding.runner import ModelRunner
 from decoding.tokenizer import Tokenizer
 
@@ -310,9 +317,10 @@ def launch(load: LoadSpec, world_size: int, device: torch.device, dtype: torch.d
     group = _Group(owns_process_group=True, backend="nccl" if device.type == "cuda" else "gloo", store=store)
     try:
         for rank in range(1, world_size):
-            spec = dict(rank=rank, world_size=world_size, device=str(devices[rank]), dtype=dtype, load=load,
-                        block_size=block_size, all_reduce=all_reduce, store_port=store.port, timeout_s=timeout_s,
-                        parent_pid=os.getpid(), num_threads=max(1, (os.cpu_count() or 1) // world_size))
+            spec = {"rank": rank, "world_size": world_size, "device": str(devices[rank]), "dtype": dtype,
+                    "load": load, "block_size": block_size, "all_reduce": all_reduce, "store_port": store.port,
+                    "timeout_s": timeout_s, "parent_pid": os.getpid(),
+                    "num_threads": max(1, (os.cpu_count() or 1) // world_size)}
             group.workers.append(_spawn(rank, spec))
         group.start_monitor()
         group.wait_for("started")
@@ -403,7 +411,7 @@ def _worker_entry() -> None:
         store = dist.TCPStore("127.0.0.1", spec["store_port"], spec["world_size"], is_master=False,
                               timeout=timedelta(seconds=spec["timeout_s"]))
         init_process_group(spec["rank"], spec["world_size"], device, store, spec["timeout_s"])
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever it is, the driver must hear of it
         _report(conn)
         sys.exit(1)
     sys.exit(_run_worker(conn, spec["rank"], spec["world_size"], device, spec["dtype"], spec["load"],
@@ -441,7 +449,7 @@ def _run_worker(conn: Connection, rank: int, world_size: int, device: torch.devi
             if name == "shutdown":
                 break
             handlers[name](*args)
-    except Exception:
+    except Exception:  # noqa: BLE001 - whatever it is, the driver must hear of it
         _report(conn)
         return 1
     if owns_process_group:
