@@ -193,6 +193,13 @@ def main(args) -> None:
         from decoding.parallel import ALL_REDUCE_ENV
 
         os.environ[ALL_REDUCE_ENV] = args.all_reduce
+    if args.tp > 1:  # a split the model or the machine cannot take fails now, not after the TP=1 run
+        from decoding.generator import resolve_device_dtype
+        from decoding.parallel import shard_config
+        from decoding.workers import rank_devices
+
+        rank_devices(resolve_device_dtype(args.device, args.dtype)[0], args.tp)
+        shard_config(preset_config(args.shape), args.tp)
     results = [run(args.shape, args.batch, args.prompt, args.new, args.device, args.dtype, args.profile)]
     if args.tp > 1:
         if torch.cuda.is_available():

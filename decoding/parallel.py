@@ -155,8 +155,8 @@ class SymmMemAllReduce:
         check_multicast_disabled()
         from torch.distributed import _symmetric_memory as symm_mem
 
-        if symm_mem.get_backend(device) != "CUDA":  # not NVSHMEM: its own runtime, nothing we need
-            symm_mem.set_backend("CUDA")
+        if hasattr(symm_mem, "set_backend") and symm_mem.get_backend(device) != "CUDA":
+            symm_mem.set_backend("CUDA")  # not NVSHMEM: its own runtime, and nothing here needs it
         self.max_bytes = -(-max_bytes // 16) * 16  # viewable as any dtype
         self.group_name = dist.group.WORLD.group_name
         self.buffer = symm_mem.empty(self.max_bytes, dtype=torch.uint8, device=device)

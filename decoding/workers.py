@@ -281,6 +281,20 @@ class TPDriverRunner(ModelRunner):
 
 
 # ----------------------------------------------------------------------------- launch (driver side)
+def rank_devices(device: torch.device, world_size: int) -> list[torch.device]:
+    """The device of each rank: cuda:i .. cuda:i+N-1 for device cuda:i (InvalidRequest if not all
+    visible), or the CPU for every rank."""
+    if device.type == "cpu":
+        return [device] * world_size
+    if device.type != "cuda":
+        raise InvalidRequest(f"tensor parallelism runs on CUDA devices (or CPU processes), not {device}")
+    base, count = device.index or 0, torch.cuda.device_count()
+    if base + world_size > count:
+        raise InvalidRequest(f"tensor_parallel_size={world_size} needs GPUs cuda:{base}..cuda:{base + world_size - 1}"
+                             f", but {count} are visible")
+    return [torch.device("cuda", base + r) for r in range(world_size)]
+
+
 def launch(load: LoadSpec, world_size: int, device: torch.device, dtype: torch.dtype, block_size: int = 16,
            progress: bool = True, all_reduce: str | None = None) -> tuple[TPDriverRunner, Tokenizer | None]:
     """Start a tensor-parallel model over `world_size` ranks; returns rank 0's runner and the tokenizer.
@@ -290,11 +304,12 @@ def launch(load: LoadSpec, world_size: int, device: torch.device, dtype: torch.d
     cannot take, DecodingError when a worker fails to start.
     """
     disable_multicast()
+    # On a failed collective (a worker died, a timeout) NCCL's watchdog aborts the communicators and the
+    # call raises; its default would also kill this process, which is the caller's.
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
     config = load.config()
     if config is not None:
         shard_config(config, world_size)
-    if device.type not in ("cuda", "cpu"):
-        raise InvalidRequest(f"tensor parallelism runs on CUDA devices (or CPU processes), not {device}")
     timeout_s = _timeout_s()
     run_size = torchrun_world_size()
     if run_size is not None and run_size > 1:
@@ -305,13 +320,7 @@ def launch(load: LoadSpec, world_size: int, device: torch.device, dtype: torch.d
     if dist.is_initialized():
         raise InvalidRequest("torch.distributed already has a default process group in this process (another "
                              "tensor-parallel Generator, or your own): close it before starting workers")
-    devices = [device] * world_size
-    if device.type == "cuda":
-        base, count = device.index or 0, torch.cuda.device_count()
-        if base + world_size > count:
-            raise InvalidRequest(f"tensor_parallel_size={world_size} needs GPUs cuda:{base}..cuda:{base + world_size - 1}"
-                                 f", but {count} are visible")
-        devices = [torch.device("cuda", base + r) for r in range(world_size)]
+    devices = rank_devices(device, world_size)
     store = dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
                           timeout=timedelta(seconds=timeout_s))
     group = _Group(owns_process_group=True, backend="nccl" if device.type == "cuda" else "gloo", store=store)
@@ -359,6 +368,7 @@ def _start_driver(group: _Group, load: LoadSpec, world_size: int, device: torch.
 def _launch_torchrun(load: LoadSpec, world_size: int, device: torch.device, dtype: torch.dtype, block_size: int,
                      progress: bool, all_reduce: str | None, timeout_s: float) -> tuple[TPDriverRunner, Tokenizer | None]:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    rank_devices(device, 1)  # CUDA or CPU only
     if device.type == "cuda":
         if local_rank >= torch.cuda.device_count():
             raise InvalidRequest(f"torchrun local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible)")
