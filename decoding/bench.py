@@ -85,9 +85,9 @@ def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dty
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     device = torch.device(device)
     if tensor_parallel_size > 1:
-        from decoding import workers
+        from decoding import parallel, workers
 
-        runner, _ = workers.launch(workers.LoadSpec(random_config=config, seed=seed), tensor_parallel_size, device,
+        runner, _ = workers.launch(parallel.LoadSpec(random_config=config, seed=seed), tensor_parallel_size, device,
                                    dtype, progress=False, all_reduce=all_reduce)
         return Generator(runner.model, Tokenizer(tok, []), runner.block_size, runner=runner)
     model = build_model(config, device, dtype)
@@ -195,8 +195,7 @@ def main(args) -> None:
         os.environ[ALL_REDUCE_ENV] = args.all_reduce
     if args.tp > 1:  # a split the model or the machine cannot take fails now, not after the TP=1 run
         from decoding.generator import resolve_device_dtype
-        from decoding.parallel import shard_config
-        from decoding.workers import rank_devices
+        from decoding.parallel import rank_devices, shard_config
 
         rank_devices(resolve_device_dtype(args.device, args.dtype)[0], args.tp)
         shard_config(preset_config(args.shape), args.tp)

@@ -99,9 +99,9 @@ class Generator:
                 or tensor_parallel_size < 1:
             raise InvalidRequest(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
         if tensor_parallel_size > 1:
-            from decoding import workers
+            from decoding import parallel, workers
 
-            runner, tokenizer = workers.launch(workers.LoadSpec(path=None if path is None else str(path)),
+            runner, tokenizer = workers.launch(parallel.LoadSpec(path=None if path is None else str(path)),
                                                tensor_parallel_size, device, dtype, progress=progress)
             gen = cls(runner.model, tokenizer, runner.block_size, runner=runner)
         else:

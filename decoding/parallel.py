@@ -32,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -40,6 +42,10 @@ from torch import nn
 
 from decoding.config import ModelConfig
 from decoding.errors import DecodingError, InvalidRequest
+
+if TYPE_CHECKING:
+    from decoding.models.llama import LlamaModel
+    from decoding.tokenizer import Tokenizer
 
 NO_MULTICAST_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 ALL_REDUCE_ENV = "DECODING_TP_ALLREDUCE"
@@ -120,6 +126,49 @@ def shard_tensor(config: ModelConfig, name: str, part: int | None, tensor: torch
             piece = torch.cat([piece, piece.new_zeros(per - piece.shape[0], *piece.shape[1:])])
         return piece
     return tensor  # norms: replicated
+
+
+# ----------------------------------------------------------------------------- placement
+def rank_devices(device: torch.device, world_size: int) -> list[torch.device]:
+    """The device of each rank: cuda:i .. cuda:i+N-1 for device cuda:i (InvalidRequest if not all
+    visible), or the CPU for every rank."""
+    if device.type == "cpu":
+        return [device] * world_size
+    if device.type != "cuda":
+        raise InvalidRequest(f"tensor parallelism runs on CUDA devices (or CPU processes), not {device}")
+    base, count = device.index or 0, torch.cuda.device_count()
+    if base + world_size > count:
+        raise InvalidRequest(f"tensor_parallel_size={world_size} needs GPUs cuda:{base}..cuda:{base + world_size - 1}"
+                             f", but {count} are visible")
+    return [torch.device("cuda", base + r) for r in range(world_size)]
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """What every rank loads its shard from: a checkpoint (path; None is the embedded model), or random
+    weights of `random_config` (drawn per tensor from `seed`, see loader.random_tensors)."""
+
+    path: str | None = None
+    random_config: ModelConfig | None = None
+    seed: int = 0
+
+    def config(self) -> ModelConfig | None:
+        """The model's config when it is cheap to know before loading (to reject a bad split early)."""
+        if self.random_config is not None:
+            return self.random_config
+        if self.path is not None and os.path.isfile(os.path.join(self.path, "config.json")):
+            return ModelConfig.from_file(os.path.join(self.path, "config.json"))
+        return None
+
+    def load(self, device: torch.device, dtype: torch.dtype, tp: TensorParallel,
+             progress: bool) -> tuple[LlamaModel, Tokenizer | None]:
+        from decoding import loader
+
+        if self.random_config is None:
+            return loader.load(self.path, device, dtype, progress=progress, tp=tp)
+        model = loader.build_model(self.random_config, device, dtype, tp)
+        loader.load_weights(model, loader.random_tensors(self.random_config, device, dtype, self.seed))
+        return model, None
 
 
 # ----------------------------------------------------------------------------- collectives

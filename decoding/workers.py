@@ -38,16 +38,17 @@ from multiprocessing.connection import Client, Connection, Listener, wait
 import torch
 import torch.distributed as dist
 
-from decoding.config import ModelConfig
 from decoding.errors import DecodingError, InvalidRequest
 from decoding.models.llama import LlamaModel
 from decoding.parallel import (
     NO_MULTICAST_ENV,
+    LoadSpec,
     TensorParallel,
     bench_all_reduce,
     check_multicast_disabled,
     disable_multicast,
     init_process_group,
+    rank_devices,
     shard_config,
 )
 from decoding.runner import ModelRunner
@@ -58,34 +59,6 @@ TIMEOUT_ENV = "DECODING_TP_TIMEOUT_S"
 COMMANDS = ("step", "logits_at", "copy_blocks", "allocate_cache", "bench_all_reduce")
 _SHUTDOWN_WAIT_S = 30.0
 _FAILURE_WAIT_S = 2.0
-
-
-@dataclass(frozen=True)
-class LoadSpec:
-    """What every rank loads its shard from: a checkpoint (path; None is the embedded model), or random
-    weights of `random_config` (drawn per tensor from `seed`, see loader.random_tensors)."""
-
-    path: str | None = None
-    random_config: ModelConfig | None = None
-    seed: int = 0
-
-    def config(self) -> ModelConfig | None:
-        """The model's config when it is cheap to know before loading (to reject a bad split early)."""
-        if self.random_config is not None:
-            return self.random_config
-        if self.path is not None and os.path.isfile(os.path.join(self.path, "config.json")):
-            return ModelConfig.from_file(os.path.join(self.path, "config.json"))
-        return None
-
-    def load(self, device: torch.device, dtype: torch.dtype, tp: TensorParallel,
-             progress: bool) -> tuple[LlamaModel, Tokenizer | None]:
-        from decoding import loader
-
-        if self.random_config is None:
-            return loader.load(self.path, device, dtype, progress=progress, tp=tp)
-        model = loader.build_model(self.random_config, device, dtype, tp)
-        loader.load_weights(model, loader.random_tensors(self.random_config, device, dtype, self.seed))
-        return model, None
 
 
 def torchrun_world_size() -> int | None:
@@ -260,6 +233,10 @@ class TPDriverRunner(ModelRunner):
                 torch.cuda.current_stream(self.device).synchronize()
         except Exception as e:
             raise self._group.broken(name, e) from e
+        except BaseException:  # e.g. Ctrl-C mid-step: the workers are now a collective ahead, for good
+            self._group.fail(f"a tensor-parallel {name} was interrupted on rank 0")
+            self._group.shutdown()
+            raise
         self._group.check()
         return out
 
@@ -281,20 +258,6 @@ class TPDriverRunner(ModelRunner):
 
 
 # ----------------------------------------------------------------------------- launch (driver side)
-def rank_devices(device: torch.device, world_size: int) -> list[torch.device]:
-    """The device of each rank: cuda:i .. cuda:i+N-1 for device cuda:i (InvalidRequest if not all
-    visible), or the CPU for every rank."""
-    if device.type == "cpu":
-        return [device] * world_size
-    if device.type != "cuda":
-        raise InvalidRequest(f"tensor parallelism runs on CUDA devices (or CPU processes), not {device}")
-    base, count = device.index or 0, torch.cuda.device_count()
-    if base + world_size > count:
-        raise InvalidRequest(f"tensor_parallel_size={world_size} needs GPUs cuda:{base}..cuda:{base + world_size - 1}"
-                             f", but {count} are visible")
-    return [torch.device("cuda", base + r) for r in range(world_size)]
-
-
 def launch(load: LoadSpec, world_size: int, device: torch.device, dtype: torch.dtype, block_size: int = 16,
            progress: bool = True, all_reduce: str | None = None) -> tuple[TPDriverRunner, Tokenizer | None]:
     """Start a tensor-parallel model over `world_size` ranks; returns rank 0's runner and the tokenizer.

@@ -73,10 +73,10 @@ def test_bad_tensor_parallel_size_and_too_few_gpus():
             Generator.from_pretrained("/nonexistent", device="cpu", tensor_parallel_size=bad)
     count = torch.cuda.device_count()
     with pytest.raises(InvalidRequest, match=f"needs GPUs cuda:0..cuda:{count}, but {count} are visible"):
-        workers.launch(workers.LoadSpec(random_config=preset_config("tiny")), count + 1, torch.device("cuda"),
+        workers.launch(parallel.LoadSpec(random_config=preset_config("tiny")), count + 1, torch.device("cuda"),
                        torch.float32)
     with pytest.raises(InvalidRequest, match="num_attention_heads"):  # rejected before any worker starts
-        workers.launch(workers.LoadSpec(random_config=preset_config("smollm2-135m")), 2, torch.device("cpu"),
+        workers.launch(parallel.LoadSpec(random_config=preset_config("smollm2-135m")), 2, torch.device("cpu"),
                        torch.float32)
 
 

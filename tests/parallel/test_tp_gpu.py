@@ -48,7 +48,7 @@ def _teacher_forced(gens: list[Generator], prompt: list[int], steps: int = 32) -
 
 def test_nccl_group_of_one_gives_the_plain_models_logits(checkpoint):
     plain = Generator.from_pretrained(checkpoint, device="cuda", dtype="bfloat16", progress=False)
-    runner, tokenizer = workers.launch(workers.LoadSpec(path=str(checkpoint)), 1, torch.device("cuda"),
+    runner, tokenizer = workers.launch(parallel.LoadSpec(path=str(checkpoint)), 1, torch.device("cuda"),
                                        torch.bfloat16, progress=False)
     with Generator(runner.model, tokenizer, runner.block_size, runner=runner) as tp:
         assert tp.runner.tp.all_reduce_name == "nccl"
