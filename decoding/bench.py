@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -67,25 +67,31 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
     return total
 
 
-def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0, **engine_options):
-    """A Generator over random weights (std 0.02, norms 1) and a placeholder tokenizer of config's vocab."""
+def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                     tensor_parallel_size: int = 1, all_reduce: str | None = None, **engine_options):
+    """A Generator over random weights (std 0.02, norms 1) and a placeholder tokenizer of config's vocab.
+
+    The weights are the same for every tensor_parallel_size (each rank slices its shard out of the same
+    per-tensor draws, loader.random_tensors); over N > 1, N - 1 worker processes are started.
+    """
     import tokenizers
 
     from decoding.generator import Generator
-    from decoding.loader import build_model
+    from decoding.loader import build_model, load_weights, random_tensors
     from decoding.tokenizer import Tokenizer
 
-    model = build_model(config, device, dtype)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
     vocab = {f"<{i}>": i for i in range(config.vocab_size)}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<0>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    device = torch.device(device)
+    if tensor_parallel_size > 1:
+        from decoding import parallel, workers
+
+        runner, _ = workers.launch(parallel.LoadSpec(random_config=config, seed=seed), tensor_parallel_size, device,
+                                   dtype, progress=False, all_reduce=all_reduce)
+        return Generator(runner.model, Tokenizer(tok, []), runner.block_size, runner=runner, **engine_options)
+    model = build_model(config, device, dtype)
+    load_weights(model, random_tensors(config, device, dtype, seed))
     return Generator(model, Tokenizer(tok, []), **engine_options)
 
 
@@ -109,19 +115,46 @@ class BenchResult:
     startup_s: float
     """From creating the Generator (random weights) to the first token of a decode step, cold: prefill,
     graph capture and kernel compilation included (Triton's disk cache may hold earlier compiles)."""
+    tensor_parallel_size: int = 1
+    """With N > 1, weight_bytes and pct_of_copy_bw are those of one GPU (rank 0's shard, its copy bandwidth)."""
+    all_reduce: str | None = None
+    """The TP all-reduce implementation ("nccl" is gloo on CPU); None without TP."""
+    all_reduce_us: float | None = None
+    """One all-reduce of a decode step's [batch, hidden] activations, per call, called from Python."""
+    all_reduce_graph_us: float | None = None
+    """The same, per call when replayed from a CUDA graph (CUDA only)."""
+    all_reduce_ms_per_step: float | None = None
+    """2 all-reduces per layer at all_reduce_us (an eager step's cost), and their share of ms_per_step."""
+    all_reduce_pct_of_step: float | None = None
 
 
 def run(shape: str, batch: int = 1, prompt: int = 128, new: int = 256, device: str | None = None,
-        dtype: str | None = None, profile: str | None = None, progress: bool = True) -> BenchResult:
+        dtype: str | None = None, profile: str | None = None, progress: bool = True,
+        tensor_parallel_size: int = 1, all_reduce: str | None = None) -> BenchResult:
     from decoding.generator import resolve_device_dtype
-    from decoding.sampling.params import SamplingParams
 
     dev, dt = resolve_device_dtype(device, dtype)
     config = preset_config(shape)
-    # One step prefills the whole batch, so every sequence then decodes in lockstep, as in a static batch.
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     t_start = time.perf_counter()
-    gen = random_generator(config, dev, dt, max_num_seqs=batch, max_num_batched_tokens=max(batch * prompt, 256))
+    # One step prefills the whole batch, so every sequence then decodes in lockstep, as in a static batch.
+    with random_generator(config, dev, dt, tensor_parallel_size=tensor_parallel_size, all_reduce=all_reduce,
+                          max_num_seqs=batch, max_num_batched_tokens=max(batch * prompt, 256)) as gen:
+        result = _decode(gen, shape, config, batch, prompt, new, dev, dt, profile, progress, sync, t_start)
+        if tensor_parallel_size > 1:
+            timing = gen.runner.bench_all_reduce(batch * config.hidden_size, dt)
+            per_step = 2 * config.num_hidden_layers * timing["eager_us"] / 1e3
+            result = replace(result, tensor_parallel_size=tensor_parallel_size, all_reduce=gen.runner.tp.all_reduce_name,
+                             all_reduce_us=timing["eager_us"], all_reduce_graph_us=timing["graph_us"],
+                             all_reduce_ms_per_step=per_step, all_reduce_pct_of_step=100 * per_step / result.ms_per_step)
+    return result
+
+
+def _decode(gen, shape: str, config: ModelConfig, batch: int, prompt: int, new: int, dev: torch.device,
+            dt: torch.dtype, profile: str | None, progress: bool, sync, t_start: float) -> BenchResult:
+    from decoding.generator import RequestHandle
+    from decoding.sampling.params import SamplingParams
+
     ids = torch.randint(0, config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1)).tolist()
     prompts = [" ".join(f"<{i}>" for i in row) for row in ids]
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, cycle_min_repeats=0)
@@ -138,8 +171,6 @@ def run(shape: str, batch: int = 1, prompt: int = 128, new: int = 256, device: s
     sync()
     last = requests[-1]
     last.stream = True
-    from decoding.generator import RequestHandle
-
     handle = RequestHandle(gen, last)
     t0 = time.perf_counter()
     gen.engine.submit(requests)
@@ -159,19 +190,48 @@ def run(shape: str, batch: int = 1, prompt: int = 128, new: int = 256, device: s
     decode_s = times[-1] - t_first
     ms = decode_s / max(1, steps - 1) * 1e3
     wbytes = weight_bytes_per_step(gen.model)
-    gen.close()
     return BenchResult(shape, batch, prompt, new, str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
                        str(dt).removeprefix("torch."), batch * (steps - 1) / decode_s, ms, wbytes, copy_gbps,
                        100 * wbytes / (ms / 1e3) / (copy_gbps * 1e9), (t_first - t0) * 1e3, startup_s)
 
 
 def main(args) -> None:
-    result = run(args.shape, args.batch, args.prompt, args.new, args.device, args.dtype, args.profile)
-    print(f"{result.device} {result.dtype}: {result.shape} batch {result.batch}, prompt {result.prompt}, "
-          f"{result.new} new tokens")
-    print(f"  {result.tok_s:.1f} tok/s, {result.ms_per_step:.2f} ms/step, {result.weight_bytes / 1e9:.2f} GB "
-          f"weights/step, {result.pct_of_copy_bw:.1f}% of the {result.copy_GBps:.0f} GB/s copy bandwidth; "
-          f"TTFT {result.ttft_ms:.0f} ms; start-up to first token {result.startup_s:.1f} s")
+    if args.all_reduce is not None:  # through the environment, so that the workers see it too
+        import os
+
+        from decoding.parallel import ALL_REDUCE_ENV
+
+        os.environ[ALL_REDUCE_ENV] = args.all_reduce
+    if args.tp > 1:  # a split the model or the machine cannot take fails now, not after the TP=1 run
+        from decoding.generator import resolve_device_dtype
+        from decoding.parallel import rank_devices, shard_config
+
+        rank_devices(resolve_device_dtype(args.device, args.dtype)[0], args.tp)
+        shard_config(preset_config(args.shape), args.tp)
+    results = [run(args.shape, args.batch, args.prompt, args.new, args.device, args.dtype, args.profile)]
+    if args.tp > 1:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # TP=1's weights are gone: give rank 0's GPU back before the shards load
+        results.append(run(args.shape, args.batch, args.prompt, args.new, args.device, args.dtype, None,
+                           tensor_parallel_size=args.tp))
+    for result in results:
+        print(f"{result.device} {result.dtype}: {result.shape} batch {result.batch}, prompt {result.prompt}, "
+              f"{result.new} new tokens, TP={result.tensor_parallel_size}")
+        print(f"  {result.tok_s:.1f} tok/s, {result.ms_per_step:.2f} ms/step, {result.weight_bytes / 1e9:.2f} GB "
+              f"weights/step{' per GPU' if result.tensor_parallel_size > 1 else ''}, {result.pct_of_copy_bw:.1f}% of "
+              f"the {result.copy_GBps:.0f} GB/s copy bandwidth; TTFT {result.ttft_ms:.0f} ms; "
+              f"start-up to first decoded token {result.startup_s:.1f} s")
+        if result.all_reduce_us is not None:
+            graph = (f", {result.all_reduce_graph_us:.1f} us in a CUDA graph" if result.all_reduce_graph_us is not None
+                     else "")
+            print(f"  all-reduce ({result.all_reduce}) of [{result.batch}, hidden]: {result.all_reduce_us:.1f} us per "
+                  f"call{graph}; x{2 * preset_config(result.shape).num_hidden_layers} per step = "
+                  f"{result.all_reduce_ms_per_step:.2f} ms, {result.all_reduce_pct_of_step:.0f}% of the step")
+    record = asdict(results[0])
+    if len(results) > 1:
+        speedup = results[1].tok_s / results[0].tok_s
+        print(f"TP={args.tp} vs TP=1: {speedup:.2f}x tok/s")
+        record = {"runs": [asdict(r) for r in results], "speedup": speedup}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(asdict(result), f, indent=2)
+            json.dump(record, f, indent=2)

@@ -15,6 +15,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="HF checkpoint directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="bfloat16 | float16 | float32 | auto (bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--tensor-parallel-size", "--tp", dest="tp", type=int, default=None,
+                   help="split the model over N GPUs (default 1; under torchrun, its number of processes)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,6 +61,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--new", type=int, default=256, help="tokens to generate per sequence")
     bench.add_argument("--device", default=None)
     bench.add_argument("--dtype", default="auto")
+    bench.add_argument("--tp", type=int, default=1,
+                       help="also run tensor-parallel over N GPUs (after TP=1, in the same invocation) and compare")
+    bench.add_argument("--all-reduce", default=None, choices=["nccl", "symm_mem"],
+                       help="TP all-reduce (default: $DECODING_TP_ALLREDUCE or nccl)")
     bench.add_argument("--json", default=None, help="also write the result as JSON to this file")
     bench.add_argument("--profile", default=None, help="write a torch.profiler trace of the decode steps here")
     serve = bench.add_argument_group("serving load (--serve)")
@@ -81,8 +87,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load(args: argparse.Namespace):
+    """The Generator for --model/--device/--dtype/--tp; under torchrun, ranks > 0 serve rank 0 and exit here."""
+    from decoding import Generator
+    from decoding.workers import torchrun_world_size
+
+    tp = args.tp if args.tp is not None else (torchrun_world_size() or 1)
+    return Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype, tensor_parallel_size=tp)
+
+
 def _generate(args: argparse.Namespace) -> None:
-    from decoding import Generator, SamplingParams
+    from decoding import SamplingParams
 
     cycles = {}
     if args.no_cycle_cut:
@@ -98,37 +113,37 @@ def _generate(args: argparse.Namespace) -> None:
                             presence_penalty=args.presence_penalty, repetition_penalty=args.repetition_penalty,
                             seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, n=args.n,
                             temperatures=args.temperatures, rank_by=args.rank_by, logprobs=args.logprobs, **cycles)
-    gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    prompts = [gen.render_chat(p) if args.chat else p for p in args.prompt]
-    if len(prompts) == 1 and params.num_candidates == 1 and not (args.no_stream or args.json):
-        print(args.prompt[0] if not args.chat else "", end="", flush=True)
-        for piece in gen.stream(prompts[0], params):
-            print(piece, end="", flush=True)
-        print()
-        return
-    outs = gen.generate(prompts, params)
-    for prompt, out in zip(args.prompt, outs):
-        if args.json:
-            record = {"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
-                      "finish_reason": out.finish_reason, "time_to_first_token": out.time_to_first_token,
-                      "tokens_per_second": out.tokens_per_second, "error": out.error}
-            if out.logprobs is not None:
-                record["logprobs"] = [dataclasses.asdict(lp) for lp in out.logprobs]
-            if out.candidates is not None:
-                record["candidates"] = [dataclasses.asdict(c) for c in out.candidates]
-            print(json.dumps(record))
-        else:
-            print(f"{prompt}{out.text}" if not args.chat else out.text)
-            extra = f", best of {len(out.candidates)} candidates" if out.candidates else ""
-            print(f"[{len(out.token_ids)} tokens, finish={out.finish_reason}{extra}, "
-                  f"ttft={out.time_to_first_token * 1e3:.0f} ms, {out.tokens_per_second:.1f} tok/s]", file=sys.stderr)
+    with _load(args) as gen:  # closing stops tensor-parallel workers
+        prompts = [gen.render_chat(p) if args.chat else p for p in args.prompt]
+        if len(prompts) == 1 and params.num_candidates == 1 and not (args.no_stream or args.json):
+            print(args.prompt[0] if not args.chat else "", end="", flush=True)
+            for piece in gen.stream(prompts[0], params):
+                print(piece, end="", flush=True)
+            print()
+            return
+        outs = gen.generate(prompts, params)
+        for prompt, out in zip(args.prompt, outs):
+            if args.json:
+                record = {"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
+                          "finish_reason": out.finish_reason, "time_to_first_token": out.time_to_first_token,
+                          "tokens_per_second": out.tokens_per_second, "error": out.error}
+                if out.logprobs is not None:
+                    record["logprobs"] = [dataclasses.asdict(lp) for lp in out.logprobs]
+                if out.candidates is not None:
+                    record["candidates"] = [dataclasses.asdict(c) for c in out.candidates]
+                print(json.dumps(record))
+            else:
+                print(f"{prompt}{out.text}" if not args.chat else out.text)
+                extra = f", best of {len(out.candidates)} candidates" if out.candidates else ""
+                print(f"[{len(out.token_ids)} tokens, finish={out.finish_reason}{extra}, "
+                      f"ttft={out.time_to_first_token * 1e3:.0f} ms, {out.tokens_per_second:.1f} tok/s]", file=sys.stderr)
 
 
 def _info(args: argparse.Namespace) -> None:
-    from decoding import Generator, ops
+    from decoding import ops
 
-    gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    info = gen.info()
+    with _load(args) as gen:
+        info = gen.info()
     info["ops"] = ops.describe()
     print(json.dumps(info, indent=2, default=str))
 

@@ -306,7 +306,7 @@ class Engine:
                 if dst is not None:
                     copies.append((it.seq.blocks[it.seq.num_tokens // self.runner.block_size], dst))
         if copies:
-            self._copy_blocks(copies)
+            self.runner.copy_blocks(copies)
         joined = sched.step_done(out)
         state.add_rows([(s.params, s.temperature, s.seed, s.prompt_ids, s.output_ids, s, len(s.request.seqs) > 1)
                         for s in joined])
@@ -319,14 +319,6 @@ class Engine:
             rows += [rows[0]] * (state.width - len(rows))  # padding rows: sampled, then ignored
             selected = logits.index_select(0, torch.tensor(rows).to(logits.device, non_blocking=True))
         self._accept(sample(selected, state))
-
-    def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Copy-on-write of forked candidates' partial last prompt block, in every layer."""
-        cache = self.runner.cache
-        src = torch.tensor([s for s, _ in pairs]).to(self.runner.device, non_blocking=True)
-        dst = torch.tensor([d for _, d in pairs]).to(self.runner.device, non_blocking=True)
-        for layer_cache in (*cache.k, *cache.v):
-            layer_cache.index_copy_(0, dst, layer_cache.index_select(0, src))
 
     def _accept(self, result) -> None:
         """Hand each sampling sequence its token (one host sync for the batch), retire finished ones."""

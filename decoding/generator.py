@@ -132,14 +132,15 @@ class Generator:
     >>> gen.generate("def fibonacci(n):", SamplingParams(max_tokens=32, temperature=0)).text
     """
 
-    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, block_size: int = 16, **engine_options) -> None:
+    def __init__(self, model: LlamaModel, tokenizer: Tokenizer, block_size: int = 16,
+                 runner: ModelRunner | None = None, **engine_options) -> None:
         self.model = model
         self.tokenizer = tokenizer
-        self.config = model.config
+        self.config = model.config if model.tp is None else model.tp.config  # the whole model's, not a shard's
         self.device = model.embed_tokens.weight.device
         self.dtype = model.embed_tokens.weight.dtype
         self.block_size = block_size
-        self.runner = ModelRunner(model, block_size)
+        self.runner = runner if runner is not None else ModelRunner(model, block_size)
         self.model_path: str = "<in memory>"
         fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
         unknown = sorted(set(engine_options) - fields)
@@ -149,7 +150,8 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, progress: bool = True, **engine_options) -> Generator:
+                        dtype: str | torch.dtype | None = None, progress: bool = True,
+                        tensor_parallel_size: int = 1, **engine_options) -> Generator:
         """Load a HF checkpoint directory, a .gguf file, or (path=None) the embedded default model.
 
         Parameters
@@ -158,13 +160,27 @@ class Generator:
         device : "cuda", "cpu", ... (default: CUDA when available).
         dtype : "bfloat16" | "float16" | "float32" | "auto" (default: bf16 on CUDA, fp32 on CPU).
         progress : show a progress bar while loading.
+        tensor_parallel_size : split the model over this many GPUs (cuda:i .. cuda:i+N-1 for device
+            "cuda:i"; CPU processes over gloo for device "cpu"). N-1 worker processes are started and
+            driven from this one; under torchrun, the ranks are torchrun's (see decoding.parallel).
+            Call close() (or use a with block) to stop them; garbage collection and exit also do.
         engine_options : SchedulerConfig fields (max_num_seqs, gpu_memory_utilization, ...).
         """
         from decoding import loader
 
         device, dtype = resolve_device_dtype(device, dtype)
-        model, tokenizer = loader.load(path, device, dtype, progress=progress)
-        gen = cls(model, tokenizer, **engine_options)
+        if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
+                or tensor_parallel_size < 1:
+            raise InvalidRequest(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
+        if tensor_parallel_size > 1:
+            from decoding import parallel, workers
+
+            runner, tokenizer = workers.launch(parallel.LoadSpec(path=None if path is None else str(path)),
+                                               tensor_parallel_size, device, dtype, progress=progress)
+            gen = cls(runner.model, tokenizer, runner.block_size, runner=runner, **engine_options)
+        else:
+            model, tokenizer = loader.load(path, device, dtype, progress=progress)
+            gen = cls(model, tokenizer, **engine_options)
         gen.model_path = str(path) if path is not None else "embedded: SmolLM2-135M-Instruct (GGUF Q4_1)"
         return gen
 
@@ -273,8 +289,10 @@ class Generator:
         return register_prometheus(self.engine, registry, prefix)
 
     def close(self) -> None:
-        """Cancel every request and stop the engine thread; the Generator refuses new requests after."""
+        """Cancel every request, stop the engine thread and any tensor-parallel workers (idempotent); the
+        Generator refuses new requests after."""
         self.engine.close()
+        self.runner.close()
 
     def __enter__(self) -> Generator:
         return self
@@ -300,22 +318,23 @@ class Generator:
             engine.make_room(sum(self.runner.blocks_for(len(s)) for s in seqs))
             pool = self.runner.cache.pool
             tables = [pool.allocate(self.runner.blocks_for(len(s))) for s in seqs]
+            rows, start = [], 0  # the new-token index whose logits predict each completion token
+            for s, ids in zip(seqs, comp_ids):
+                rows.extend(range(start + len(s) - len(ids) - 1, start + len(s) - 1))
+                start += len(s)
             try:
                 lens = [len(s) for s in seqs]
-                hidden = self.runner.forward_hidden(StepInput(tables, lens, [t for s in seqs for t in s], lens))
+                # logits_at: under tensor parallelism every rank runs this pass (a collective)
+                logits = self.runner.logits_at(StepInput(tables, lens, [t for s in seqs for t in s], lens), rows)
             finally:
                 for table in tables:
                     pool.free(table)
-            scores, start = [], 0
-            for s, ids in zip(seqs, comp_ids):
-                n_prompt = len(s) - len(ids)
-                if ids:  # hidden at position p predicts token p + 1
-                    lp = self.model.compute_logits(hidden[start + n_prompt - 1: start + len(s) - 1]).log_softmax(-1)
-                    target = torch.tensor(ids, device=self.device)[:, None]
-                    scores.append(lp.gather(1, target).mean().item())
-                else:
-                    scores.append(-float("inf"))
-                start += len(s)
+            lp = logits.log_softmax(-1).gather(1, torch.tensor([t for ids in comp_ids for t in ids],
+                                                               device=logits.device)[:, None])[:, 0]
+            scores, at = [], 0
+            for ids in comp_ids:
+                scores.append(lp[at: at + len(ids)].mean().item() if ids else -float("inf"))
+                at += len(ids)
             return scores
 
         return self.engine.call(job)
@@ -325,11 +344,13 @@ class Generator:
         return {
             "model": self.model_path,
             "architecture": c.model_type,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            # under tensor parallelism: the parameters of this process's shard (rank 0)
+            "parameters" if self.model.tp is None else "parameters_rank0": sum(p.numel() for p in self.model.parameters()),
             "layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
             "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
             "vocab_size": c.vocab_size, "context_window": c.max_position_embeddings,
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "tensor_parallel_size": 1 if self.model.tp is None else self.model.tp.world_size,
             "op_backends": ops.active_backends(self.device),
         }
 

@@ -163,6 +163,17 @@ class ModelRunner:
         self.cache = KVCache(self.config, num_blocks, self.block_size, self.device, self.dtype)
         return self.cache
 
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy the K/V of block src into block dst, for each (src, dst), in every layer (copy-on-write of
+        a forked candidate's partial block; tensor-parallel drivers send the same call to their workers)."""
+        src = torch.tensor([s for s, _ in pairs]).to(self.device, non_blocking=True)
+        dst = torch.tensor([d for _, d in pairs]).to(self.device, non_blocking=True)
+        for layer_cache in (*self.cache.k, *self.cache.v):
+            layer_cache.index_copy_(0, dst, layer_cache.index_select(0, src))
+
+    def close(self) -> None:
+        """Release what the runner holds outside this process (tensor-parallel workers); idempotent."""
+
     @torch.inference_mode()
     def forward_hidden(self, inp: StepInput) -> torch.Tensor:
         """Final hidden states of every new token, [len(input_ids), hidden_size] (eager)."""
@@ -188,3 +199,9 @@ class ModelRunner:
             last = torch.tensor(inp.query_lens).cumsum(0).sub(1).to(self.device, non_blocking=True)
             hidden = hidden[last]
         return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def logits_at(self, inp: StepInput, rows: list[int]) -> torch.Tensor:
+        """The step's fp32 logits at the given new-token indices (into input_ids), [len(rows), vocab]."""
+        hidden = self.forward_hidden(inp)
+        return self.model.compute_logits(hidden[torch.tensor(rows, dtype=torch.int64, device=self.device)])

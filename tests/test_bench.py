@@ -59,3 +59,27 @@ def test_serve_bench_cli(tmp_path, capsys):
     assert cont["output_tokens"] == static["output_tokens"]  # the same requests, run to their max_tokens
     assert data["continuous_over_static"] == pytest.approx(cont["output_tok_s"] / static["output_tok_s"])
     assert data["batch1_step_ms"] > 0 and "continuous / static throughput" in capsys.readouterr().out
+
+
+def test_cli_tp_runs_tp1_then_tp2_and_reports_speedup(tmp_path, capsys):
+    """The one-command TP benchmark, over 2 CPU processes (gloo): both runs, their ratio, all-reduce time."""
+    from decoding.cli import main
+
+    out = tmp_path / "tp.json"
+    assert main(["bench", "--shape", "tiny", "--random-weights", "--prompt", "8", "--new", "4", "--device", "cpu",
+                 "--tp", "2", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    one, two = data["runs"]
+    assert (one["tensor_parallel_size"], two["tensor_parallel_size"]) == (1, 2)
+    assert data["speedup"] == pytest.approx(two["tok_s"] / one["tok_s"])
+    assert two["weight_bytes"] < one["weight_bytes"]  # rank 0 holds about half (norms are replicated)
+    assert two["all_reduce"] == "gloo" and two["all_reduce_us"] > 0 and two["all_reduce_graph_us"] is None
+    assert two["all_reduce_ms_per_step"] == pytest.approx(2 * 2 * two["all_reduce_us"] / 1e3)
+    assert "TP=2 vs TP=1" in capsys.readouterr().out
+
+
+def test_cli_tp_rejects_a_split_before_running(capsys):
+    from decoding.cli import main
+
+    assert main(["bench", "--shape", "smollm2-135m", "--device", "cpu", "--tp", "2"]) == 2
+    assert "num_attention_heads (9)" in capsys.readouterr().err

@@ -7,6 +7,8 @@ sequence, so prefill, decode and mixed steps are the same forward.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -14,6 +16,9 @@ from decoding import ops
 from decoding.cache import AttentionMetadata
 from decoding.config import ModelConfig
 from decoding.reference import rope_cos_sin_cache
+
+if TYPE_CHECKING:
+    from decoding.parallel import TensorParallel
 
 
 class RMSNorm(nn.Module):
@@ -59,6 +64,8 @@ class LlamaAttention(nn.Module):
         # q, k and v projections fused into one matmul (rows: q | k | v), as loaded by loader.py.
         self.qkv = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o = Linear(self.q_size, config.hidden_size, bias=False)
+        # Under tensor parallelism (set by decoding.parallel) o is row-parallel: its outputs are partial sums.
+        self.tp: TensorParallel | None = None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, cos_sin_cache: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -70,7 +77,8 @@ class LlamaAttention(nn.Module):
         ops.rope_and_cache_(positions, q, k, v, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
         out = ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                   meta.query_start_loc, self.scale, self.sliding_window, meta.max_seq_len)
-        return self.o(out.reshape(num_tokens, self.q_size))
+        out = self.o(out.reshape(num_tokens, self.q_size))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class LlamaMLP(nn.Module):
@@ -79,10 +87,12 @@ class LlamaMLP(nn.Module):
         # gate and up projections fused (rows: gate | up).
         self.gate_up = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.tp: TensorParallel | None = None  # as in LlamaAttention: down is row-parallel under TP
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = getattr(self.gate_up, "forward_silu_mul", None)
-        return self.down(fused(x) if fused is not None else ops.silu_and_mul(self.gate_up(x)))
+        out = self.down(fused(x) if fused is not None else ops.silu_and_mul(self.gate_up(x)))
+        return out if self.tp is None else self.tp.all_reduce(out)
 
 
 class LlamaBlock(nn.Module):
@@ -113,6 +123,8 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = None if config.tie_word_embeddings else Linear(
             config.hidden_size, config.vocab_size, bias=False)
+        # Under TP, embed_tokens and lm_head hold this rank's slice of the vocabulary (decoding.parallel).
+        self.tp: TensorParallel | None = None
         # fp32 [max_positions, head_dim]: cos | sin. Not a checkpoint tensor: init_buffers() fills it.
         self.register_buffer("cos_sin_cache", torch.empty(config.max_position_embeddings, config.head_dim),
                              persistent=False)
@@ -143,4 +155,7 @@ class LlamaModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [num_seqs, hidden_size] -> fp32 logits [num_seqs, vocab_size]."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return ops.linear(hidden, weight).float()
+        logits = ops.linear(hidden, weight)
+        if self.tp is not None:  # gathered in the model dtype: the same values as one GPU's .float()
+            logits = self.tp.gather_vocab(logits, self.config.vocab_size)
+        return logits.float()
