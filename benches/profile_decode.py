@@ -9,8 +9,6 @@ per step (the gap is launch overhead, host work and idle GPU), and the weight by
 from __future__ import annotations
 
 import argparse
-import time
-
 import torch
 
 from decoding.bench import preset_config, random_generator, weight_bytes_per_step
@@ -25,36 +23,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=25)
     args = ap.parse_args()
-    gen = random_generator(preset_config(args.shape), torch.device("cuda"), torch.bfloat16)
+    gen = random_generator(preset_config(args.shape), torch.device("cuda"), torch.bfloat16,
+                           max_num_seqs=args.batch, max_num_batched_tokens=max(args.batch * args.prompt, 256))
     prompts = [" ".join(f"<{(i * 7 + j) % 1000}>" for j in range(args.prompt)) for i in range(args.batch)]
-    params = SamplingParams(max_tokens=args.steps + 8, temperature=0, ignore_eos=True, cycle_min_repeats=0)
-    gen.generate(prompts, params)  # warm-up: graphs captured, kernels compiled
-    requests = gen._make_requests(prompts, params)
-    run = gen._run(requests)
-    last = requests[-1].seqs[-1]
-    steps = 0
-    for seq in run:  # prefill and a few steps outside the profile
-        if seq is last:
-            steps += 1
-            if steps == 4:
-                break
+    params = SamplingParams(max_tokens=args.steps, temperature=0, ignore_eos=True, cycle_min_repeats=0)
+    gen.generate(prompts, params.replace(max_tokens=4))  # warm-up: graphs captured, kernels compiled
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                              torch.profiler.ProfilerActivity.CUDA])
+    gen.engine.call(lambda engine: prof.__enter__())  # on the engine thread, which runs the steps
+    outs = gen.generate(prompts, params)
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                            torch.profiler.ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        n = 0
-        for seq in run:
-            if seq is last:
-                n += 1
-                if n == args.steps:
-                    break
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / n
-    run.close()
+    gen.engine.call(lambda engine: prof.__exit__(None, None, None))
+    gen.close()
+    n = args.steps  # kernel totals below include the prefill: compare them with the decode steps' wall
+    wall = 1 / (sum(o.tokens_per_second for o in outs) / len(outs))
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events) / n
-    print(f"{args.shape} batch {args.batch}: wall {wall * 1e3:.3f} ms/step, kernels {total / 1e3:.3f} ms/step, "
+    print(f"{args.shape} batch {args.batch}: wall {wall * 1e3:.3f} ms/step (decode), kernels {total / 1e3:.3f} "
+          f"ms/step (prefill included), "
           f"{weight_bytes_per_step(gen.model) / 1e9:.2f} GB weights")
     for e in events[: args.rows]:
         print(f"  {e.device_time_total / n:9.1f} us/step {e.count / n:6.1f} calls/step  {e.key[:90]}")

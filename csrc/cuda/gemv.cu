@@ -20,8 +20,8 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <string>
+
+#include "pdl.h"
 
 namespace decoding {
 namespace {
@@ -65,14 +65,6 @@ __device__ __forceinline__ uint4 load_stream(const void* p) {
   return v;
 }
 
-// Programmatic dependent launch (sm_90+): wait until the preceding kernel in the stream has completed
-// and its writes are visible. A no-op when the kernel was launched without the attribute.
-__device__ __forceinline__ void grid_dependency_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -90,9 +82,13 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
     gemv_kernel(T* __restrict__ out, int64_t ldo, const T* __restrict__ x, int64_t ldx, const T* __restrict__ w,
                 const T* __restrict__ bias, int n_out, int K) {
   constexpr int NW = GLU ? 2 * R : R;  // weight rows read by the warp
+  trigger_dependents();
   const int lane = threadIdx.x % kWarpSize;
   const int row0 = (blockIdx.x * kWarps + threadIdx.x / kWarpSize) * R;
-  if (row0 >= n_out) return;
+  if (row0 >= n_out) {
+    grid_dependency_wait();  // PDL contract: nothing after the predecessor's end is skipped silently
+    return;
+  }
   const T* rows[NW];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -117,8 +113,8 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
       for (int j = 0; j < NW; ++j) wv[u][j] = k < K ? load_stream(rows[j] + k) : make_uint4(0, 0, 0, 0);
     }
     if (!waited) {
-      // Launched with programmatic dependent launch: the first weight loads above overlap the end of
-      // the kernel before; x, which that kernel writes, is read only after it has completed.
+      // Launched with programmatic dependent launch (pdl.h): the first weight loads above overlap the
+      // end of the kernel before; x, which that kernel writes, is read only after it has completed.
       grid_dependency_wait();
       waited = true;
     }
@@ -164,19 +160,6 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   }
 }
 
-// Programmatic dependent launch on sm_90+ unless DECODING_PDL=0 (read once).
-bool pdl_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("DECODING_PDL");
-    if (env != nullptr && std::string(env) == "0") return false;
-    int device = 0, major = 0;
-    if (cudaGetDevice(&device) != cudaSuccess) return false;
-    if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-    return major >= 9;
-  }();
-  return enabled;
-}
-
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
 
 void check_gemv_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w, int64_t n_out, bool glu) {
@@ -200,7 +183,7 @@ void check_gemv_args(const at::Tensor& out, const at::Tensor& x, const at::Tenso
 }
 
 template <typename T, bool GLU>
-void launch(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const T* bias, int n_out) {
+void launch_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const T* bias, int n_out) {
   const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   T* y = out.data_ptr<T>();
@@ -213,17 +196,9 @@ void launch(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const T* 
     constexpr int kW = (GLU ? 2 : 1) * kR * kM;
     constexpr int kU = kW <= 2 ? 8 : (kW < 8 ? 4 : 2);
     const int rows_per_block = kWarps * kR;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(static_cast<unsigned>((n_out + rows_per_block - 1) / rows_per_block));
-    cfg.blockDim = dim3(kWarps * kWarpSize);
-    cfg.stream = stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, gemv_kernel<T, kM, kR, kU, GLU>, y, out.stride(0), xp, x.stride(0), wp,
-                                      bias, n_out, K));
+    const dim3 grid(static_cast<unsigned>((n_out + rows_per_block - 1) / rows_per_block));
+    launch(gemv_kernel<T, kM, kR, kU, GLU>, grid, dim3(kWarps * kWarpSize), 0, stream, y, out.stride(0), xp,
+           x.stride(0), wp, bias, n_out, K);
   };
   using I = std::integral_constant<int, 1>;
   // R = 2 rows per warp at M <= 2 doubles the weight bytes each lane has in flight (the fused gate/up
@@ -254,10 +229,10 @@ void run(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const std::o
   const c10::cuda::CUDAGuard device_guard(x.device());
   if (x.scalar_type() == at::kBFloat16) {
     using T = c10::BFloat16;
-    launch<T, GLU>(out, x, w, bias.has_value() ? bias->const_data_ptr<T>() : nullptr, static_cast<int>(n_out));
+    launch_gemv<T, GLU>(out, x, w, bias.has_value() ? bias->const_data_ptr<T>() : nullptr, static_cast<int>(n_out));
   } else {
     using T = c10::Half;
-    launch<T, GLU>(out, x, w, bias.has_value() ? bias->const_data_ptr<T>() : nullptr, static_cast<int>(n_out));
+    launch_gemv<T, GLU>(out, x, w, bias.has_value() ? bias->const_data_ptr<T>() : nullptr, static_cast<int>(n_out));
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

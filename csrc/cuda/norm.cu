@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "../norm_checks.h"
+#include "pdl.h"
 
 namespace decoding {
 namespace {
@@ -61,6 +62,8 @@ __global__ void rms_norm_kernel(T* __restrict__ out, int64_t out_stride, const T
                                 const T* __restrict__ weight, float eps, int hidden) {
   using P = Packed<T, VEC>;
   __shared__ float shared[kMaxThreads / kWarpSize];
+  trigger_dependents();
+  grid_dependency_wait();  // the input comes from the kernel before (pdl.h)
   const P* x = reinterpret_cast<const P*>(in + blockIdx.x * in_stride);
   const P* w = reinterpret_cast<const P*>(weight);
   P* y = reinterpret_cast<P*>(out + blockIdx.x * out_stride);
@@ -88,6 +91,8 @@ __global__ void fused_add_rms_norm_kernel(T* __restrict__ in, int64_t in_stride,
                                           int64_t res_stride, const T* __restrict__ weight, float eps, int hidden) {
   using P = Packed<T, VEC>;
   __shared__ float shared[kMaxThreads / kWarpSize];
+  trigger_dependents();
+  grid_dependency_wait();  // the input comes from the kernel before (pdl.h)
   P* x = reinterpret_cast<P*>(in + blockIdx.x * in_stride);
   P* r = reinterpret_cast<P*>(res + blockIdx.x * res_stride);
   const P* w = reinterpret_cast<const P*>(weight);
@@ -155,8 +160,8 @@ void rms_norm(at::Tensor& out, const at::Tensor& input, const at::Tensor& weight
     const T* w = weight.const_data_ptr<T>();
     with_vec<T>(hidden, {{y, out_stride}, {x, in_stride}, {w, 0}}, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      rms_norm_kernel<T, VEC><<<static_cast<unsigned>(num_tokens), num_threads(hidden / VEC), 0, stream>>>(
-          y, out_stride, x, in_stride, w, static_cast<float>(epsilon), static_cast<int>(hidden));
+      launch(rms_norm_kernel<T, VEC>, dim3(static_cast<unsigned>(num_tokens)), dim3(num_threads(hidden / VEC)), 0,
+             stream, y, out_stride, x, in_stride, w, static_cast<float>(epsilon), static_cast<int>(hidden));
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -181,8 +186,9 @@ void fused_add_rms_norm(at::Tensor& input, at::Tensor& residual, const at::Tenso
     const T* w = weight.const_data_ptr<T>();
     with_vec<T>(hidden, {{x, in_stride}, {r, res_stride}, {w, 0}}, [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      fused_add_rms_norm_kernel<T, VEC><<<static_cast<unsigned>(num_tokens), num_threads(hidden / VEC), 0, stream>>>(
-          x, in_stride, r, res_stride, w, static_cast<float>(epsilon), static_cast<int>(hidden));
+      launch(fused_add_rms_norm_kernel<T, VEC>, dim3(static_cast<unsigned>(num_tokens)),
+             dim3(num_threads(hidden / VEC)), 0, stream, x, in_stride, r, res_stride, w, static_cast<float>(epsilon),
+             static_cast<int>(hidden));
     });
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

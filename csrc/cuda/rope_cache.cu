@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "../norm_checks.h"
+#include "pdl.h"
 
 namespace decoding {
 namespace {
@@ -38,6 +39,8 @@ __global__ void rope_and_cache_kernel(const int64_t* __restrict__ positions, T* 
                                       const float* __restrict__ cos_sin, int64_t cs_stride, T* __restrict__ k_cache,
                                       T* __restrict__ v_cache, int64_t cache_slot_stride, int64_t cache_head_stride,
                                       const int64_t* __restrict__ slots, int num_heads, int head_dim) {
+  trigger_dependents();
+  grid_dependency_wait();  // q, k, v come from the kernel before (pdl.h)
   const int64_t t = blockIdx.x;
   const int h = blockIdx.y;
   const int half = head_dim / 2;
@@ -112,7 +115,7 @@ void rope_and_cache(const at::Tensor& positions, at::Tensor& q, at::Tensor& k, c
   const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(heads + kv_heads));
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    rope_and_cache_kernel<T><<<grid, threads, 0, stream>>>(
+    launch(rope_and_cache_kernel<T>, grid, dim3(threads), 0, stream,
         positions.const_data_ptr<int64_t>(), q.data_ptr<T>(), q.stride(0), q.stride(1), k.data_ptr<T>(),
         k.stride(0), k.stride(1), v.const_data_ptr<T>(), v.stride(0), v.stride(1),
         cos_sin_cache.const_data_ptr<float>(), cos_sin_cache.stride(0), k_cache.data_ptr<T>(),
