@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.nn.attention.bias import causal_lower_right
 
 BLOCK_N = 64  # tokens per inner step
 MAX_PARTS = 64  # partitions per sequence at most
@@ -192,15 +193,25 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         kb = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)  # [H_kv, L, D]
         vb = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
         qb = q[starts[b]:starts[b + 1]].transpose(0, 1)  # [H, n_q, D]
-        mask, causal = None, n_q == seq_len and sliding_window is None
-        if not causal:  # the queries are the last n_q of seq_len positions
-            q_pos = torch.arange(seq_len - n_q, seq_len, device=q.device)[:, None]
-            k_pos = torch.arange(seq_len, device=q.device)[None, :]
-            mask = k_pos <= q_pos
-            if sliding_window is not None:
-                mask &= (q_pos - k_pos) < sliding_window
-        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=causal, scale=scale,
-                                           enable_gqa=num_heads != num_kv_heads)
+        if n_q == seq_len and sliding_window is None:  # a whole prompt: plain causal (flash attention)
+            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale,
+                                               enable_gqa=num_heads != num_kv_heads)
+        else:  # a chunk after cached tokens, or a window: the queries are the last n_q of seq_len positions
+            group = num_heads // num_kv_heads
+            kb = kb.repeat_interleave(group, dim=0)  # the memory-efficient kernel takes masks, not GQA
+            vb = vb.repeat_interleave(group, dim=0)
+            if sliding_window is None:  # bottom-right-aligned causal mask, never materialised
+                o = F.scaled_dot_product_attention(qb[None], kb[None], vb[None], scale=scale,
+                                                   attn_mask=causal_lower_right(n_q, seq_len))[0]
+            else:  # explicit mask, in query chunks so that it stays small
+                o = torch.empty_like(qb)
+                k_pos = torch.arange(seq_len, device=q.device)[None, :]
+                for c0 in range(0, n_q, 1024):
+                    q_pos = torch.arange(seq_len - n_q + c0, seq_len - n_q + min(c0 + 1024, n_q),
+                                         device=q.device)[:, None]
+                    mask = (k_pos <= q_pos) & ((q_pos - k_pos) < sliding_window)
+                    o[:, c0:c0 + 1024] = F.scaled_dot_product_attention(qb[:, c0:c0 + 1024], kb, vb,
+                                                                        attn_mask=mask, scale=scale)
         out[starts[b]:starts[b + 1]] = o.transpose(0, 1)
     return out
 

@@ -54,10 +54,10 @@ def _teacher_forced(gens: list[Generator], prompt: list[int], steps: int = 32) -
 
 
 def test_nccl_group_of_one_gives_the_plain_models_logits(checkpoint):
-    plain = Generator.from_pretrained(checkpoint, device="cuda", dtype="bfloat16", progress=False)
+    plain = Generator.from_pretrained(checkpoint, device="cuda", dtype="bfloat16", progress=False, num_kv_blocks=256)
     runner, tokenizer = workers.launch(parallel.LoadSpec(path=str(checkpoint)), 1, torch.device("cuda"),
                                        torch.bfloat16, progress=False)
-    with Generator(runner.model, tokenizer, runner.block_size, runner=runner) as tp:
+    with Generator(runner.model, tokenizer, runner.block_size, runner=runner, num_kv_blocks=256) as tp:
         assert tp.runner.tp.all_reduce_name == "nccl"
         ours, theirs = _teacher_forced([tp, plain], [(5 * i + 1) % 300 for i in range(40)])
         assert torch.equal(ours, theirs)
@@ -72,10 +72,10 @@ def test_nccl_group_of_one_gives_the_plain_models_logits(checkpoint):
 def test_tp2_bf16_error_within_twice_one_gpus(checkpoint, all_reduce, monkeypatch):
     """Ratio rule: TP=2's bf16 logits may be off fp32 by at most 2x what one GPU's bf16 logits are."""
     monkeypatch.setenv(parallel.ALL_REDUCE_ENV, all_reduce)  # the workers inherit it
-    ref = Generator.from_pretrained(checkpoint, device="cuda", dtype="float32", progress=False)
-    one = Generator.from_pretrained(checkpoint, device="cuda", dtype="bfloat16", progress=False)
+    ref = Generator.from_pretrained(checkpoint, device="cuda", dtype="float32", progress=False, num_kv_blocks=256)
+    one = Generator.from_pretrained(checkpoint, device="cuda", dtype="bfloat16", progress=False, num_kv_blocks=256)
     with Generator.from_pretrained(checkpoint, device="cuda", dtype="bfloat16", progress=False,
-                                   tensor_parallel_size=2) as two:
+                                   tensor_parallel_size=2, num_kv_blocks=256) as two:
         assert two.runner.tp.all_reduce_name == all_reduce
         exact, a, b = _teacher_forced([ref, one, two], [(5 * i + 1) % 300 for i in range(40)])
         err_one = ((a - exact).norm() / exact.norm()).item()
