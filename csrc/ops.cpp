@@ -11,6 +11,9 @@ TORCH_LIBRARY(decoding, m) {
   m.def("rms_norm(Tensor! out, Tensor input, Tensor weight, float epsilon) -> ()");
   // In place: residual <- input + residual (rounded to dtype); input <- rms_norm(residual) * weight.
   m.def("fused_add_rms_norm(Tensor! input, Tensor! residual, Tensor weight, float epsilon) -> ()");
+  // W8A16 decode GEMV (1..16 tokens): out <- x @ (qweight * scales)^T + bias, int8 weights with fp32
+  // scales per output channel [N] or per group [N, K / group_size], fp32 accumulation.
+  m.def("w8a16_gemv(Tensor! out, Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> ()");
 }
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
