@@ -58,17 +58,20 @@ def copy_bandwidth_gbps(device: torch.device | str, nbytes: int = 2 << 30, repea
 
 
 def weight_bytes_per_step(model: torch.nn.Module) -> int:
-    """Bytes of weights a decode step reads: every parameter once, except the embedding table, of which
-    only the looked-up rows are read (unless the LM head is tied to it and reads it whole)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights a decode step reads: every checkpoint tensor once (int8 weights and their scales
+    included), except the embedding table, of which only the looked-up rows are read (unless the LM
+    head is tied to it and reads it whole)."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if model.lm_head is not None:
         emb = model.embed_tokens.weight
         total -= emb.numel() * emb.element_size()
     return total
 
 
-def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """A Generator over random weights (std 0.02, norms 1) and a placeholder tokenizer of config's vocab."""
+def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
+                     quantize: str | None = None):
+    """A Generator over random weights (std 0.02, norms 1) and a placeholder tokenizer of config's vocab;
+    quantize="int8"|"w8a8" quantizes the projections afterwards (decoding.quant)."""
     import tokenizers
 
     from decoding.generator import Generator
@@ -83,6 +86,10 @@ def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dty
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
+    if quantize is not None:
+        from decoding.quant import quantize_model
+
+        quantize_model(model, quantize)
     vocab = {f"<{i}>": i for i in range(config.vocab_size)}
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<0>"))
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
@@ -106,16 +113,19 @@ class BenchResult:
     """weight_bytes / ms_per_step over copy_GBps: how close a step comes to the memory roofline."""
     ttft_ms: float
     """Prefill of the whole batch plus the first token."""
+    quantize: str | None = None
+    """None (the dtype's weights), "int8" or "w8a8" (decoding.quant)."""
 
 
 def run(shape: str, batch: int = 1, prompt: int = 128, new: int = 256, device: str | None = None,
-        dtype: str | None = None, profile: str | None = None, progress: bool = True) -> BenchResult:
+        dtype: str | None = None, profile: str | None = None, progress: bool = True,
+        quantize: str | None = None) -> BenchResult:
     from decoding.generator import resolve_device_dtype
     from decoding.sampling.params import SamplingParams
 
     dev, dt = resolve_device_dtype(device, dtype)
     config = preset_config(shape)
-    gen = random_generator(config, dev, dt)
+    gen = random_generator(config, dev, dt, quantize=quantize)
     copy_gbps = copy_bandwidth_gbps(dev, nbytes=(2 << 30) if dev.type == "cuda" else (64 << 20))
     ids = torch.randint(0, config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, cycle_min_repeats=0)
@@ -129,7 +139,8 @@ def run(shape: str, batch: int = 1, prompt: int = 128, new: int = 256, device: s
     sync()
     t0 = time.perf_counter()
     t_first, steps = None, 0
-    bar = tqdm(total=new, desc=f"decode {shape} b{batch}", unit="step", disable=not progress)
+    bar = tqdm(total=new, desc=f"decode {shape} b{batch}{' ' + quantize if quantize else ''}", unit="step",
+               disable=not progress)
     seqs = [s for r in requests for s in r.seqs]
     for seq in gen._run(requests):
         if seq is not seqs[-1]:
@@ -152,16 +163,39 @@ def run(shape: str, batch: int = 1, prompt: int = 128, new: int = 256, device: s
     wbytes = weight_bytes_per_step(gen.model)
     return BenchResult(shape, batch, prompt, new, str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
                        str(dt).removeprefix("torch."), batch * (steps - 1) / decode_s, ms, wbytes, copy_gbps,
-                       100 * wbytes / (ms / 1e3) / (copy_gbps * 1e9), (t_first - t0) * 1e3)
+                       100 * wbytes / (ms / 1e3) / (copy_gbps * 1e9), (t_first - t0) * 1e3, quantize)
 
 
-def main(args) -> None:
-    result = run(args.shape, args.batch, args.prompt, args.new, args.device, args.dtype, args.profile)
-    print(f"{result.device} {result.dtype}: {result.shape} batch {result.batch}, prompt {result.prompt}, "
+def _print(result: BenchResult) -> None:
+    mode = f" {result.quantize}" if result.quantize else ""
+    print(f"{result.device} {result.dtype}{mode}: {result.shape} batch {result.batch}, prompt {result.prompt}, "
           f"{result.new} new tokens")
     print(f"  {result.tok_s:.1f} tok/s, {result.ms_per_step:.2f} ms/step, {result.weight_bytes / 1e9:.2f} GB "
           f"weights/step, {result.pct_of_copy_bw:.1f}% of the {result.copy_GBps:.0f} GB/s copy bandwidth; "
           f"TTFT {result.ttft_ms:.0f} ms")
+
+
+def main(args) -> None:
+    quantize = getattr(args, "quantize", None)
+    compare = getattr(args, "compare_bf16", False)
+    if compare and quantize is None:
+        raise ValueError("--compare-bf16 needs --quantize int8|w8a8")
+    common = (args.shape, args.batch, args.prompt, args.new, args.device, args.dtype)
+    baseline = None
+    if compare:  # the unquantized model first, in the same process; freed before the quantized one is built
+        baseline = run(*common)
+        _print(baseline)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    result = run(*common, args.profile, quantize=quantize)
+    _print(result)
+    record = asdict(result)
+    if baseline is not None:
+        speedup = result.tok_s / baseline.tok_s
+        print(f"  speed-up of {quantize} over {baseline.dtype}: {speedup:.2f}x tok/s "
+              f"({baseline.ms_per_step:.2f} -> {result.ms_per_step:.2f} ms/step; TTFT {baseline.ttft_ms:.0f} -> "
+              f"{result.ttft_ms:.0f} ms)")
+        record = {"baseline": asdict(baseline), "quantized": asdict(result), "speedup": speedup}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(asdict(result), f, indent=2)
+            json.dump(record, f, indent=2)

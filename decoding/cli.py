@@ -1,4 +1,4 @@
-"""`python -m decoding generate|info`: the command line."""
+"""`python -m decoding generate|info|bench|quantize`: the command line."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="HF checkpoint directory or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--device", default=None, help="cuda, cpu, cuda:1, ... (default: cuda if available)")
     p.add_argument("--dtype", default="auto", help="bfloat16 | float16 | float32 | auto (bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--quantize", default=None, choices=["int8", "w8a8"],
+                   help="quantize on load: int8 weights (int8) or int8 weights and activations (w8a8)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -59,9 +61,27 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--new", type=int, default=256, help="tokens to generate per sequence")
     bench.add_argument("--device", default=None)
     bench.add_argument("--dtype", default="auto")
+    bench.add_argument("--quantize", default=None, choices=["int8", "w8a8"], help="quantize the random model")
+    bench.add_argument("--compare-bf16", action="store_true",
+                       help="with --quantize: also run the unquantized model (--dtype) first and print the speed-up")
     bench.add_argument("--json", default=None, help="also write the result as JSON to this file")
     bench.add_argument("--profile", default=None, help="write a torch.profiler trace of the decode steps here")
+
+    qnt = sub.add_parser("quantize", help="quantize a checkpoint once and save it (load it later with --model)")
+    qnt.add_argument("out", help="directory to write (config.json, tokenizer, model.safetensors)")
+    qnt.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file (default: embedded)")
+    qnt.add_argument("--mode", default="int8", choices=["int8", "w8a8"])
+    qnt.add_argument("--device", default=None)
+    qnt.add_argument("--dtype", default="auto")
     return parser
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from decoding import Generator
+
+    gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.mode)
+    path = gen.save_quantized(args.out)
+    print(f"wrote {args.mode} checkpoint to {path}")
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -81,7 +101,7 @@ def _generate(args: argparse.Namespace) -> None:
                             presence_penalty=args.presence_penalty, repetition_penalty=args.repetition_penalty,
                             seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos, n=args.n,
                             temperatures=args.temperatures, rank_by=args.rank_by, logprobs=args.logprobs, **cycles)
-    gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     prompts = [gen.render_chat(p) if args.chat else p for p in args.prompt]
     if len(prompts) == 1 and params.num_candidates == 1 and not (args.no_stream or args.json):
         print(args.prompt[0] if not args.chat else "", end="", flush=True)
@@ -110,7 +130,7 @@ def _generate(args: argparse.Namespace) -> None:
 def _info(args: argparse.Namespace) -> None:
     from decoding import Generator, ops
 
-    gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     info = gen.info()
     info["ops"] = ops.describe()
     print(json.dumps(info, indent=2, default=str))
@@ -124,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
             bench.main(args)
         else:
-            {"generate": _generate, "info": _info}[args.command](args)
+            {"generate": _generate, "info": _info, "quantize": _quantize}[args.command](args)
     except DecodingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

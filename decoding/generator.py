@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from decoding import ops
+from decoding import ops, quant
 from decoding.cache import KVCache
 from decoding.errors import DecodingError, InvalidRequest
 from decoding.models.llama import LlamaModel
@@ -76,23 +76,36 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, progress: bool = True) -> Generator:
+                        dtype: str | torch.dtype | None = None, progress: bool = True,
+                        quantize: str | None = None) -> Generator:
         """Load a HF checkpoint directory, a .gguf file, or (path=None) the embedded default model.
 
         Parameters
         ----------
         path : directory with config.json, *.safetensors and tokenizer.json; or a .gguf file; or None.
+            A directory written by `save_quantized` loads as the quantized model it holds.
         device : "cuda", "cpu", ... (default: CUDA when available).
         dtype : "bfloat16" | "float16" | "float32" | "auto" (default: bf16 on CUDA, fp32 on CPU).
         progress : show a progress bar while loading.
+        quantize : None, "int8" (int8 weights, 16-bit activations) or "w8a8" (int8 weights and per-token
+            int8 activations with LLM.int8() outlier columns); see decoding.quant.
         """
         from decoding import loader
 
         device, dtype = resolve_device_dtype(device, dtype)
-        model, tokenizer = loader.load(path, device, dtype, progress=progress)
+        if quantize in (None, "none"):
+            quantize = None
+        elif not isinstance(quantize, str) or quantize not in quant.MODES:
+            raise InvalidRequest(f"quantize must be one of {quant.MODES} or None, got {quantize!r}")
+        model, tokenizer = loader.load(path, device, dtype, progress=progress, quantize=quantize)
         gen = cls(model, tokenizer)
         gen.model_path = str(path) if path is not None else "embedded: SmolLM2-135M-Instruct (GGUF Q4_1)"
         return gen
+
+    def save_quantized(self, path: str | Path) -> Path:
+        """Write this (quantized) model and its tokenizer as a checkpoint directory that
+        `Generator.from_pretrained(path)` loads without quantizing again (decoding.quant.save_quantized)."""
+        return quant.save_quantized(self.model, self.tokenizer, path)
 
     # ----------------------------------------------------------------------------- public API
     def generate(self, prompts: str | list[str], params: SamplingParams | None = None
@@ -173,11 +186,12 @@ class Generator:
         return {
             "model": self.model_path,
             "architecture": c.model_type,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters": sum(t.numel() for n, t in self.model.state_dict().items() if not n.endswith(".scales")),
             "layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
             "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
             "vocab_size": c.vocab_size, "context_window": c.max_position_embeddings,
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "quantize": None if getattr(self.model, "quant", None) is None else self.model.quant.mode,
             "op_backends": ops.active_backends(self.device),
         }
 

@@ -198,6 +198,35 @@ def _grid(M: int, N: int, cfg: dict) -> tuple[int]:
     return (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
 
 
+def _launch_w8a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
+                  out: torch.Tensor, cfg: dict) -> None:
+    (M, K), N = x.shape, qweight.shape[0]
+    cfg = dict(cfg)
+    grouped = scales.dim() == 2
+    group_size = K // scales.shape[1] if grouped else K
+    if grouped:  # one scale per K block: the largest power-of-2 block that divides the group
+        while group_size % cfg["BLOCK_K"] and cfg["BLOCK_K"] > 16:
+            cfg["BLOCK_K"] //= 2
+    wrap_triton(_w8a16_gemm_kernel)[_grid(M, N, cfg)](
+        x, qweight, scales, bias if bias is not None else scales, out, M, N, K, x.stride(0), out.stride(0),
+        group_size, HAS_BIAS=bias is not None, GROUPED=grouped, FP32_DOT=_INTERPRET or x.dtype == torch.float32,
+        **cfg)
+
+
+def _launch_int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                      bias: torch.Tensor | None, out: torch.Tensor, x_out: torch.Tensor | None,
+                      out_idx: torch.Tensor | None, cfg: dict) -> None:
+    (M, K), N = a.shape, b.shape[0]
+    has_outliers = x_out is not None and x_out.shape[1] > 0
+    wrap_triton(_int8_gemm_kernel)[_grid(M, N, cfg)](
+        a, b, out, a_scale, b_scale, bias if bias is not None else b_scale, x_out if has_outliers else a_scale,
+        out_idx if has_outliers else a_scale, M, N, K, x_out.shape[1] if has_outliers else 0, a.stride(0),
+        out.stride(0), x_out.stride(0) if has_outliers else 0, HAS_BIAS=bias is not None,
+        HAS_OUTLIERS=has_outliers, OUT_INT32=out.dtype == torch.int32,
+        FP32_DOT=_INTERPRET or (has_outliers and x_out.dtype == torch.float32),
+        BLOCK_O=32 if _INTERPRET else 64, **cfg)
+
+
 @triton_op("decoding::w8a16_linear_triton", mutates_args=())
 def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -215,17 +244,7 @@ def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    cfg = _gemm_config(M, N, K, int8=False)
-    grouped = scales.dim() == 2
-    group_size = K // scales.shape[1] if grouped else K
-    if grouped:  # one scale per K block: the largest power-of-2 block that divides the group
-        block_k = cfg["BLOCK_K"]
-        while group_size % block_k:
-            block_k //= 2
-        cfg["BLOCK_K"] = max(block_k, 16)
-    wrap_triton(_w8a16_gemm_kernel)[_grid(M, N, cfg)](
-        x, qweight, scales, bias if bias is not None else scales, out, M, N, K, x.stride(0), out.stride(0),
-        group_size, HAS_BIAS=bias is not None, GROUPED=grouped, FP32_DOT=_INTERPRET or x.dtype == torch.float32, **cfg)
+    _launch_w8a16(x, qweight, scales, bias, out, _gemm_config(M, N, K, int8=False))
     return out
 
 
@@ -245,16 +264,7 @@ def int8_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return out
-    has_outliers = x_out is not None and x_out.shape[1] > 0
-    cfg = _gemm_config(M, N, K, int8=True)
-    ko = x_out.shape[1] if has_outliers else 0
-    xo = x_out if has_outliers else a_scale
-    wrap_triton(_int8_gemm_kernel)[_grid(M, N, cfg)](
-        a, b, out, a_scale, b_scale, bias if bias is not None else b_scale, xo,
-        out_idx if has_outliers else a_scale, M, N, K, ko, a.stride(0), out.stride(0),
-        x_out.stride(0) if has_outliers else 0, HAS_BIAS=bias is not None, HAS_OUTLIERS=has_outliers,
-        OUT_INT32=out_dtype == torch.int32,
-        FP32_DOT=_INTERPRET or (x_out is not None and x_out.dtype == torch.float32), BLOCK_O=32 if _INTERPRET else 64, **cfg)
+    _launch_int8_gemm(a, a_scale, b, b_scale, bias, out, x_out, out_idx, _gemm_config(M, N, K, int8=True))
     return out
 
 

@@ -216,11 +216,20 @@ void run_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, c
       dispatch_rows<T, false>(out, x, qweight, scales, b, group_size, rows, threads, stream);
     }
   };
+#ifdef DECODING_GEMV_TUNE
+  // The tuning build sweeps launch shapes only: bf16, per-channel scales.
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && !grouped, "tuning build: bfloat16, per-channel scales only");
+  dispatch_rows<c10::BFloat16, false>(out, x, qweight, scales,
+                                      bias.has_value() ? bias->const_data_ptr<c10::BFloat16>() : nullptr, group_size,
+                                      rows, threads, stream);
+  (void)go;
+#else
   if (x.scalar_type() == at::kBFloat16) {
     go(c10::BFloat16{});
   } else {
     go(c10::Half{});
   }
+#endif
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -246,8 +255,8 @@ void w8a16_gemv_tune(at::Tensor& out, const at::Tensor& x, const at::Tensor& qwe
 // shape as arguments, under its own namespace so that it loads beside decoding._C.
 TORCH_LIBRARY(decoding_gemv_tune, m) {
   m.def("w8a16_gemv(Tensor! out, Tensor x, Tensor qweight, Tensor scales, Tensor? bias, int rows, int threads) -> ()");
-  m.impl("w8a16_gemv", torch::kCUDA, &w8a16_gemv_tune);
 }
+TORCH_LIBRARY_IMPL(decoding_gemv_tune, CUDA, m) { m.impl("w8a16_gemv", &w8a16_gemv_tune); }
 #else
 TORCH_LIBRARY_IMPL(decoding, CUDA, m) { m.impl("w8a16_gemv", &w8a16_gemv); }
 #endif
