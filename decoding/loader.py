@@ -48,9 +48,6 @@ def _target(config: ModelConfig, hf_name: str) -> tuple[str, slice | None] | Non
     """Our parameter name and row slice for one HF tensor name; None if it is to be ignored."""
     if _IGNORED.match(hf_name):
         return None
-    if hf_name.endswith((".qweight", ".scales")):
-        raise CheckpointError(f"checkpoint tensor {hf_name!r} is a quantized weight, but the safetensors metadata "
-                              "has no decoding int8 format marker")
     if hf_name == "model.embed_tokens.weight":
         return "embed_tokens.weight", None
     if hf_name == "model.norm.weight":

@@ -276,8 +276,12 @@ def checkpoint_marker(files: list[Path]) -> dict[str, str] | None:
         try:
             with safe_open(str(f), framework="pt", device="cpu") as st:
                 meta = st.metadata() or {}
+                quantized = [k for k in st.keys() if k.endswith((".qweight", ".scales"))]
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"cannot read {f}: {e}") from e
+        if quantized and FORMAT_KEY not in meta:
+            raise CheckpointError(f"{f.name} holds quantized tensors ({quantized[0]}, ...) but its safetensors "
+                                  "metadata has no decoding int8 format marker")
         found.append(meta if FORMAT_KEY in meta else None)
     if all(m is None for m in found):
         return None
