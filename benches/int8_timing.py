@@ -20,11 +20,11 @@ def copies_for(nbytes: int, rotate_bytes: int = ROTATE_BYTES) -> int:
     return max(2, -(-rotate_bytes // max(nbytes, 1)))
 
 
-def time_rotating(calls: list[Callable[[], object]], replays: int = 20, warmup: int = 3) -> float:
-    """Seconds per call: `calls` (one per weight copy) captured once in a CUDA graph, median of replays."""
+def capture_rotating(calls: list[Callable[[], object]]) -> torch.cuda.CUDAGraph:
+    """`calls` (one per weight copy) run once (Triton compiles, cuBLAS picks its kernels), then captured."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the graph: Triton compiles, cuBLAS picks its kernels
+    with torch.cuda.stream(stream):
         for call in calls:
             call()
     torch.cuda.current_stream().wait_stream(stream)
@@ -33,6 +33,12 @@ def time_rotating(calls: list[Callable[[], object]], replays: int = 20, warmup: 
     with torch.cuda.graph(graph):
         for call in calls:
             call()
+    return graph
+
+
+def time_rotating(calls: list[Callable[[], object]], replays: int = 20, warmup: int = 3) -> float:
+    """Seconds per call: `calls` captured once in a CUDA graph, median of timed replays / len(calls)."""
+    graph = capture_rotating(calls)
     for _ in range(warmup):
         graph.replay()
     torch.cuda.synchronize()

@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "../int8_checks.h"
 
@@ -167,11 +168,17 @@ void launch(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, con
       scales.const_data_ptr<float>(), bias, M, N, K, static_cast<int>(group_size));
 }
 
-// Threads per block: one 16-weight chunk per thread per row at K = threads * 16, capped so that small
-// K still fills whole warps; measured on H100 (benches/NOTES.md, INT8).
-int pick_threads(int64_t K) {
-  const int64_t chunks = K / kChunk;
-  return chunks >= 256 ? 256 : (chunks >= 128 ? 128 : 64);
+// Launch shape (rows per block, threads per block) by tokens and K, from the sweep of every variant on
+// H100 (benches/tune_int8.py; benches/NOTES.md, INT8): at one token four rows and 256 threads (one
+// 16-weight chunk per thread per row at K = 4096) are best up to K = 4096, two rows and 128 threads
+// past it; at 2..4 tokens, 64 threads (more blocks in flight); past 4 tokens, four rows and 128 threads.
+std::pair<int, int> pick_launch(int64_t M, int64_t K) {
+  if (M == 1) {
+    if (K >= 8192) return {2, 128};
+    return {4, K >= 4096 ? 256 : 128};
+  }
+  if (M <= 4) return {K <= 2048 ? 2 : 4, 64};
+  return {4, 128};
 }
 
 template <typename T, int ROWS, bool GROUPED>
@@ -235,10 +242,8 @@ void run_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, c
 
 void w8a16_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                 const c10::optional<at::Tensor>& bias) {
-  // Four rows per block keeps four independent 16-byte loads (eight with the prefetch) in flight per
-  // thread at one token; past eight tokens the fp32 accumulators need the registers, so two.
-  const int rows = x.size(0) > 8 ? 2 : 4;
-  run_gemv(out, x, qweight, scales, bias, rows, pick_threads(x.size(1)));
+  const auto [rows, threads] = pick_launch(x.size(0), x.size(1));
+  run_gemv(out, x, qweight, scales, bias, rows, threads);
 }
 
 #ifdef DECODING_GEMV_TUNE
