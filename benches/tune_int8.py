@@ -83,10 +83,10 @@ def tune_gemv(results: dict) -> None:
 
 W8A8_CONFIGS = [
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
-    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3),
-    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=256, GROUP_M=8, num_warps=8, num_stages=3),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
 ]
 
@@ -119,6 +119,11 @@ def tune_w8a8(results: dict) -> None:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             x[:, [7, 100, 2000]] *= 12.0  # three outlier columns: the 16-bit path does work
             t_full = time_rotating([lambda q=q, s=s: K.w8a8_linear(x, q, s, None, 6.0, 64) for q, s in weights])
+            t_plain = time_rotating([lambda q=q, s=s: K.w8a8_linear(x, q, s, None, 0.0, 64) for q, s in weights])
+            t_quant = time_rotating([lambda: K.quantize_per_token(x)] * 8)
+            t_absmax = time_rotating([lambda: K.column_absmax(x)] * 8)
+            print(f"  full linear {t_full * 1e6:.1f} us (no decomposition: {t_plain * 1e6:.1f}); quantize "
+                  f"{t_quant * 1e6:.1f} us, column abs-max {t_absmax * 1e6:.1f} us")
             print(f"{n:>6}x{k:<6} {m:>5} {t_bf16 * 1e6:8.1f} {t_int_mm * 1e6:14.1f} " +
                   " ".join(f"{t * 1e6:9.1f}" for t in cfg_times) + f"  {t_full * 1e6:9.1f}  {t_bf16 / t_full:6.2f}",
                   flush=True)
@@ -128,45 +133,47 @@ def tune_w8a8(results: dict) -> None:
             torch.cuda.empty_cache()
 
 
-W8A16_CONFIGS = [
-    dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4),
-    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4),
-    dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=5),
-    dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
-    dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
+SWAPPED_CONFIGS = [  # BLOCK_M: tokens, BLOCK_N: output channels (the left operand), for _launch_w8a16_swapped
+    dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
     dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3),
 ]
-# Which configs to try at each token count (small tiles are hopeless for prefill and vice versa).
-W8A16_TRY = {4: range(0, 5), 8: range(0, 5), 16: range(0, 5), 32: range(1, 6), 128: range(4, 8), 2048: range(5, 8)}
 
 
 def tune_w8a16(results: dict) -> None:
+    """Small M: the CUDA GEMV vs what ops.w8a16_linear picks; large M: swapped Triton configs vs dequantize
+    (one Triton pass) + cuBLAS."""
     from decoding import ops
     from decoding.kernels import int8 as K
-    from decoding.quant import dequantize_weight
 
-    print(f"{'shape':>14} {'M':>5} {'bf16 us':>8} {'deq+mm':>8} {'gemv':>8} " +
-          " ".join(f"cfg{i:<5}" for i in range(len(W8A16_CONFIGS))))
+    print(f"{'shape':>14} {'M':>5} {'bf16 us':>8} {'gemv':>8} {'ops':>8} {'deq+mm':>8} " +
+          " ".join(f"swap{i:<4}" for i in range(len(SWAPPED_CONFIGS))))
+    gemv = torch.ops.decoding.w8a16_gemv
     for n, k in (SHAPES["8b"][0], SHAPES["8b"][2], SHAPES["8b"][3], SHAPES["1b"][0]):
         weights = random_int8_weights(n, k, copies_for(n * k, 256 << 20))
-        for m, tried in W8A16_TRY.items():
+        for m in (2, 3, 4, 8, 16, 32, 128, 512, 2048):
             t_bf16 = _bf16_time(m, n, k)
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             outs = [torch.empty(m, n, dtype=torch.bfloat16, device="cuda") for _ in weights]
-            t_deq = time_rotating([lambda q=q, s=s: F.linear(x, dequantize_weight(q, s).to(torch.bfloat16))
-                                   for q, s in weights]) if m >= 32 else float("nan")
-            t_gemv = time_rotating([lambda q=q, s=s: ops.w8a16_linear(x, q, s) for q, s in weights]) \
+            t_ops = time_rotating([lambda q=q, s=s: ops.w8a16_linear(x, q, s) for q, s in weights])
+            t_gemv = time_rotating([lambda q=q, s=s, o=o: gemv(o, x, q, s, None) for (q, s), o in zip(weights, outs)]) \
                 if m <= 16 else float("nan")
-            cfg_times = [float("nan")] * len(W8A16_CONFIGS)
-            for i in tried:
-                cfg_times[i] = time_rotating([lambda q=q, s=s, o=o, c=W8A16_CONFIGS[i]: K._launch_w8a16(
-                    x, q, s, None, o, c) for (q, s), o in zip(weights, outs)])
-            print(f"{n:>6}x{k:<6} {m:>5} {t_bf16 * 1e6:8.1f} {t_deq * 1e6:8.1f} {t_gemv * 1e6:8.1f} " +
-                  " ".join(f"{t * 1e6:8.1f}" for t in cfg_times), flush=True)
-            results.setdefault("w8a16", []).append(dict(n=n, k=k, m=m, bf16_us=t_bf16 * 1e6, deq_us=t_deq * 1e6,
-                                                        gemv_us=t_gemv * 1e6, cfg_us=[t * 1e6 for t in cfg_times]))
+            t_deq = time_rotating([lambda q=q, s=s: F.linear(x, K.dequantize(q, s, torch.bfloat16))
+                                   for q, s in weights]) if m >= 32 else float("nan")
+            cfg_times = [float("nan")] * len(SWAPPED_CONFIGS)
+            if m >= 32:
+                for i, cfg in enumerate(SWAPPED_CONFIGS):
+                    if cfg["BLOCK_M"] > 2 * m:
+                        continue
+                    cfg_times[i] = time_rotating([lambda q=q, s=s, o=o, c=cfg: K._launch_w8a16_swapped(
+                        x, q, s, None, o, c) for (q, s), o in zip(weights, outs)])
+            print(f"{n:>6}x{k:<6} {m:>5} {t_bf16 * 1e6:8.1f} {t_gemv * 1e6:8.1f} {t_ops * 1e6:8.1f} "
+                  f"{t_deq * 1e6:8.1f} " + " ".join(f"{t * 1e6:8.1f}" for t in cfg_times), flush=True)
+            results.setdefault("w8a16", []).append(dict(n=n, k=k, m=m, bf16_us=t_bf16 * 1e6, gemv_us=t_gemv * 1e6,
+                                                        ops_us=t_ops * 1e6, deq_us=t_deq * 1e6,
+                                                        swapped_us=[t * 1e6 for t in cfg_times]))
         del weights
         torch.cuda.empty_cache()
 

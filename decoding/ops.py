@@ -82,6 +82,9 @@ def _ext_fused_add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: to
 # The CUDA GEMV's limits (csrc/int8_checks.h); other calls of the cuda backend take the tensor-core path.
 _GEMV_MAX_TOKENS = 16
 _GEMV_CHUNK = 16
+# Past this many tokens the Triton GEMM on tensor cores beats the GEMV's fp32 FMAs (H100 sweep,
+# benches/NOTES.md, INT8); the GEMV still serves up to _GEMV_MAX_TOKENS when Triton is missing.
+_GEMV_PREFERRED_TOKENS = 3
 
 
 def _w8a16_many_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -99,7 +102,8 @@ def _ext_w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
                       bias: torch.Tensor | None = None) -> torch.Tensor:
     num_tokens, k = x.shape
     group = k // scales.shape[1] if scales.dim() == 2 else k
-    if not (1 <= num_tokens <= _GEMV_MAX_TOKENS and x.dtype in (torch.bfloat16, torch.float16)
+    most = _GEMV_PREFERRED_TOKENS if "triton" in _IMPLS["w8a16_linear"] else _GEMV_MAX_TOKENS
+    if not (1 <= num_tokens <= most and x.dtype in (torch.bfloat16, torch.float16)
             and k % _GEMV_CHUNK == 0 and group % _GEMV_CHUNK == 0):
         return _w8a16_many_tokens(x, qweight, scales, bias)
     if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:

@@ -88,7 +88,51 @@ def _w8a16_gemm_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_x
 
 
 @triton.jit
-def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, idx_ptr, M, N, K, KO,
+def _w8a16_gemm_swapped_kernel(x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                               HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # out^T = W @ x^T: the converted int8 weights are the left operand, which Hopper's wgmma may take
+    # from registers, so x^T streams from shared memory untouched (per-output-channel scales only).
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm + offs_k[:, None]
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k
+        xt = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
+        if FP32_DOT:
+            acc += tl.dot(w.to(tl.float32), xt.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(w.to(dtype), xt, acc)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    acc = acc * tl.load(s_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+
+
+@triton.jit
+def _dequantize_kernel(q_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    ptrs = offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    q = tl.load(q_ptr + ptrs, mask=mask, other=0).to(tl.float32)
+    s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0)
+    tl.store(out_ptr + ptrs, (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, wo_ptr, M, N, K, KO,
                       stride_am, stride_om, stride_xom, HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
                       OUT_INT32: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr):
@@ -99,8 +143,7 @@ def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, i
     mask_m = offs_m < M
     mask_n = offs_n < N
     a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    b_rows = b_ptr + offs_n[:, None].to(tl.int64) * K
-    b_ptrs = b_rows + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for k in range(0, K, BLOCK_K):
         mask_k = offs_k < K - k
@@ -115,16 +158,16 @@ def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, i
         tl.store(out_ptrs, acc, mask=out_mask)
     else:
         y = acc.to(tl.float32) * tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-        if HAS_OUTLIERS:  # LLM.int8(): outlier columns of x times the same columns of the int8 weights
+        if HAS_OUTLIERS:  # LLM.int8(): outlier columns of x times the same (gathered) int8 weight columns
             offs_o = tl.arange(0, BLOCK_O)
             dtype = xo_ptr.dtype.element_ty
             fp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for j in range(0, KO, BLOCK_O):
                 mask_o = offs_o < KO - j
-                cols = tl.load(idx_ptr + j + offs_o, mask=mask_o, other=0)
                 xo = tl.load(xo_ptr + offs_m[:, None].to(tl.int64) * stride_xom + (j + offs_o)[None, :],
                              mask=mask_m[:, None] & mask_o[None, :], other=0.0)
-                wo = tl.load(b_rows + cols[None, :], mask=mask_n[:, None] & mask_o[None, :], other=0)
+                wo = tl.load(wo_ptr + offs_n[:, None].to(tl.int64) * KO + (j + offs_o)[None, :],
+                             mask=mask_n[:, None] & mask_o[None, :], other=0)
                 if FP32_DOT:
                     fp += tl.dot(xo.to(tl.float32), tl.trans(wo.to(tl.float32)), input_precision="ieee")
                 else:
@@ -138,28 +181,39 @@ def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, i
 
 @triton.jit
 def _quantize_per_token_kernel(x_ptr, stride_xm, mask_ptr, q_ptr, s_ptr, K, HAS_MASK: tl.constexpr,
-                               BLOCK: tl.constexpr):
+                               BLOCK: tl.constexpr, SINGLE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for k in range(0, K, BLOCK):
-        cols = k + tl.arange(0, BLOCK)
+    if SINGLE:  # the whole row stays in registers between the max and the rounding
+        cols = tl.arange(0, BLOCK)
         x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
         if HAS_MASK:
             x = x * tl.load(mask_ptr + cols, mask=cols < K, other=0.0)
-        amax = tl.maximum(amax, tl.abs(x))
-    amax_row = tl.max(amax, axis=0)
+        amax_row = tl.max(tl.abs(x), axis=0)
+    else:
+        amax = tl.zeros([BLOCK], dtype=tl.float32)
+        for k in range(0, K, BLOCK):
+            cols = k + tl.arange(0, BLOCK)
+            xk = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            if HAS_MASK:
+                xk = xk * tl.load(mask_ptr + cols, mask=cols < K, other=0.0)
+            amax = tl.maximum(amax, tl.abs(xk))
+        amax_row = tl.max(amax, axis=0)
     nonzero = amax_row > 0
     scale = tl.where(nonzero, tl.math.div_rn(amax_row, 127.0), 1.0)
     inv = tl.where(nonzero, tl.math.div_rn(127.0, tl.where(nonzero, amax_row, 1.0)), 1.0)
     tl.store(s_ptr + row, scale)
-    for k in range(0, K, BLOCK):
-        cols = k + tl.arange(0, BLOCK)
-        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            x = x * tl.load(mask_ptr + cols, mask=cols < K, other=0.0)
+    if SINGLE:
         q = tl.minimum(tl.maximum(_round_half_away(x * inv), -127), 127)
         tl.store(q_ptr + row * K + cols, q.to(tl.int8), mask=cols < K)
+    else:
+        for k in range(0, K, BLOCK):
+            cols = k + tl.arange(0, BLOCK)
+            xk = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+            if HAS_MASK:
+                xk = xk * tl.load(mask_ptr + cols, mask=cols < K, other=0.0)
+            q = tl.minimum(tl.maximum(_round_half_away(xk * inv), -127), 127)
+            tl.store(q_ptr + row * K + cols, q.to(tl.int8), mask=cols < K)
 
 
 @triton.jit
@@ -180,18 +234,31 @@ def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _gemm_config(M: int, N: int, K: int, int8: bool) -> dict:
-    """Tile shapes: tiny ones for the interpreter; on the GPU by M (see benches/NOTES.md, INT8)."""
+    """Tile shapes: tiny ones for the interpreter; on the GPU by M, from the H100 sweeps of
+    benches/tune_int8.py (benches/NOTES.md, INT8). For W8A16 past 32 tokens see _SWAPPED_CONFIG."""
     if _INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if not int8:
+        # Skinny: 16-token tiles, narrow column blocks and deep K blocks keep enough programs streaming.
+        if M <= 16:
+            return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
+        if M <= 32:
+            return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
     if M <= 16:
-        cfg = dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256 if int8 else 128, num_warps=4, num_stages=4)
-    elif M <= 64:
-        cfg = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128 if int8 else 64, num_warps=4, num_stages=4)
-    elif M <= 256:
-        cfg = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128 if int8 else 64, num_warps=8, num_stages=4)
-    else:
-        cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128 if int8 else 64, num_warps=8, num_stages=3)
-    return dict(cfg, GROUP_M=8)
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
+    if M <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _swapped_config(M: int) -> dict:
+    """W8A16 past 32 tokens (weights as the left operand); interpreter: small tiles."""
+    if _INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if M <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
 def _grid(M: int, N: int, cfg: dict) -> tuple[int]:
@@ -213,14 +280,35 @@ def _launch_w8a16(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         **cfg)
 
 
+def _launch_w8a16_swapped(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                          bias: torch.Tensor | None, out: torch.Tensor, cfg: dict) -> None:
+    (M, K), N = x.shape, qweight.shape[0]
+    wrap_triton(_w8a16_gemm_swapped_kernel)[_grid(M, N, cfg)](
+        x, qweight, scales, bias if bias is not None else scales, out, M, N, K, x.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, FP32_DOT=_INTERPRET or x.dtype == torch.float32, **cfg)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """qweight [N, K] int8 * per-channel scales [N] -> [N, K] of dtype, in one pass."""
+    N, K = qweight.shape
+    out = torch.empty(N, K, dtype=dtype, device=qweight.device)
+    block_n, block_k = (16, 32) if _INTERPRET else (32, 256)
+    wrap_triton(_dequantize_kernel)[(triton.cdiv(N, block_n), triton.cdiv(K, block_k))](
+        qweight, scales, out, N, K, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4)
+    return out
+
+
 def _launch_int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                       bias: torch.Tensor | None, out: torch.Tensor, x_out: torch.Tensor | None,
                       out_idx: torch.Tensor | None, cfg: dict) -> None:
     (M, K), N = a.shape, b.shape[0]
     has_outliers = x_out is not None and x_out.shape[1] > 0
+    # The outlier columns of the weights, gathered once per call into a dense [N, KO] block (a gather
+    # inside the kernel would be a scattered byte load per weight in every tile).
+    w_out = b.index_select(1, out_idx) if has_outliers else a_scale
     wrap_triton(_int8_gemm_kernel)[_grid(M, N, cfg)](
         a, b, out, a_scale, b_scale, bias if bias is not None else b_scale, x_out if has_outliers else a_scale,
-        out_idx if has_outliers else a_scale, M, N, K, x_out.shape[1] if has_outliers else 0, a.stride(0),
+        w_out, M, N, K, x_out.shape[1] if has_outliers else 0, a.stride(0),
         out.stride(0), x_out.stride(0) if has_outliers else 0, HAS_BIAS=bias is not None,
         HAS_OUTLIERS=has_outliers, OUT_INT32=out.dtype == torch.int32,
         FP32_DOT=_INTERPRET or (has_outliers and x_out.dtype == torch.float32),
@@ -244,7 +332,10 @@ def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
-    _launch_w8a16(x, qweight, scales, bias, out, _gemm_config(M, N, K, int8=False))
+    if M > 32 and scales.dim() == 1:
+        _launch_w8a16_swapped(x, qweight, scales, bias, out, _swapped_config(M))
+    else:
+        _launch_w8a16(x, qweight, scales, bias, out, _gemm_config(M, N, K, int8=False))
     return out
 
 
@@ -277,10 +368,10 @@ def quantize_per_token(x: torch.Tensor, col_mask: torch.Tensor | None = None) ->
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return q, scale
-    block = min(triton.next_power_of_2(K), 1024 if _INTERPRET else 4096)
+    block = min(triton.next_power_of_2(K), 1024 if _INTERPRET else 16384)
     wrap_triton(_quantize_per_token_kernel)[(M,)](
         x, x.stride(0), col_mask if col_mask is not None else scale, q, scale, K, HAS_MASK=col_mask is not None,
-        BLOCK=block, num_warps=max(1, min(16, block // 256)))
+        BLOCK=block, SINGLE=block >= K, num_warps=max(1, min(16, block // 512)))
     return q, scale
 
 

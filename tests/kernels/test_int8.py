@@ -92,6 +92,20 @@ def test_w8a16_triton_interpreted(monkeypatch, dtype, m, n, k, group, bias):
         _check_close(out, expected, dtype, backend)
 
 
+@pytest.mark.parametrize("m", [1, 20])
+def test_w8a16_swapped_and_dequantize_interpreted(m):
+    """The prefill variant (weights as the left operand) at any M, and the one-pass dequantizer."""
+    _interp_triton()
+    from decoding.kernels import int8 as kernels
+    from decoding.quant import dequantize_weight
+
+    x, q, s, b, expected = _w8a16_case(m, 40, 96, torch.bfloat16, "cpu", bias=True)
+    out = torch.empty(m, 40, dtype=torch.bfloat16)
+    kernels._launch_w8a16_swapped(x, q, s, b, out, kernels._swapped_config(m))
+    _check_close(out, expected, torch.bfloat16, "triton")
+    torch.testing.assert_close(kernels.dequantize(q, s, torch.float32), dequantize_weight(q, s), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m,k", [(1, 64), (9, 200), (3, 2100)])
 def test_quantize_per_token_interpreted_exact(monkeypatch, dtype, m, k):
