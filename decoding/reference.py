@@ -213,14 +213,24 @@ def outlier_columns_ref(x: torch.Tensor, threshold: float, max_outliers: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """LLM.int8()'s outlier columns of x [M, K]: those whose max |x| exceeds threshold.
 
-    Returns (idx [KO] int64, keep [KO] bool): the KO = min(max_outliers, K) columns of largest
-    magnitude, and which of them exceed the threshold. A fixed KO keeps the step free of host syncs
-    (no nonzero()); columns over the threshold beyond the max_outliers largest stay in int8.
+    Returns (idx [KO] int64, keep [KO] bool), KO = min(max_outliers, K): the outlier columns in
+    increasing order, padded with column 0 and keep False. When more than KO columns exceed the
+    threshold, only those above the (KO+1)-th largest column maximum are kept (the largest ones; a tie
+    at the cut drops the tied columns); the rest stay in int8. A fixed KO keeps the fast path free of
+    host syncs (no nonzero() of unknown size).
     """
     ko = min(max_outliers, x.shape[1]) if threshold > 0 else 0
-    amax = column_absmax_ref(x) if ko else x.new_empty(0, dtype=torch.float32)
-    values, idx = torch.topk(amax, ko)
-    return idx, values > threshold
+    idx = torch.zeros(ko, dtype=torch.int64, device=x.device)
+    keep = torch.zeros(ko, dtype=torch.bool, device=x.device)
+    if ko:
+        amax = column_absmax_ref(x)
+        over = amax > threshold
+        if over.sum() > ko:
+            over &= amax > amax.sort(descending=True).values[ko]
+        cols = over.nonzero()[:, 0]
+        idx[: cols.numel()] = cols
+        keep[: cols.numel()] = True
+    return idx, keep
 
 
 def w8a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

@@ -19,6 +19,7 @@ those of the reference bit for bit.
 from __future__ import annotations
 
 import os
+import struct
 
 import torch
 import triton
@@ -217,6 +218,58 @@ def _quantize_per_token_kernel(x_ptr, stride_xm, mask_ptr, q_ptr, s_ptr, K, HAS_
 
 
 @triton.jit
+def _count_above(amax_ptr, K, t_bits, BLOCK: tl.constexpr):
+    count = 0
+    for k in range(0, K, BLOCK):
+        cols = k + tl.arange(0, BLOCK)
+        bits = tl.load(amax_ptr + cols, mask=cols < K, other=0.0).to(tl.int32, bitcast=True)
+        count += tl.sum((bits > t_bits).to(tl.int32), axis=0)
+    return count
+
+
+@triton.jit
+def _outlier_plan_kernel(amax_ptr, idx_ptr, keep_ptr, mask_ptr, K, KO, threshold_bits, BLOCK: tl.constexpr):
+    # One program. Column maxima are non-negative, so they order as their int32 bit patterns: a bisection
+    # on the bits finds the smallest cut t >= threshold with at most KO columns above it (the (KO+1)-th
+    # largest maximum when more than KO exceed the threshold). Then the columns above t, in column order
+    # (a running prefix count), and the 0/1 column mask that keeps them out of the int8 part.
+    lo = threshold_bits
+    hi = 0x7F800000  # +inf: nothing is above it
+    fits = _count_above(amax_ptr, K, lo, BLOCK) <= KO
+    for _ in range(31):
+        mid = lo + (hi - lo) // 2
+        ok = _count_above(amax_ptr, K, mid, BLOCK) <= KO
+        hi = tl.where(ok, mid, hi)
+        lo = tl.where(ok, lo, mid)
+    t_bits = tl.where(fits, threshold_bits, hi)
+    count = 0
+    for k in range(0, K, BLOCK):
+        cols = k + tl.arange(0, BLOCK)
+        bits = tl.load(amax_ptr + cols, mask=cols < K, other=0.0).to(tl.int32, bitcast=True)
+        hit = (bits > t_bits) & (cols < K)
+        pos = count + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+        tl.store(idx_ptr + pos, cols.to(tl.int64), mask=hit)
+        tl.store(keep_ptr + pos, tl.full([BLOCK], 1.0, tl.float32), mask=hit)
+        tl.store(mask_ptr + cols, tl.where(hit, 0.0, 1.0), mask=cols < K)
+        count += tl.sum(hit.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _gather_columns_kernel(x_ptr, stride_xm, idx_ptr, keep_ptr, out_ptr, M, KO, BLOCK_M: tl.constexpr,
+                           BLOCK_O: tl.constexpr):
+    # out[m, j] = x[m, idx[j]] * keep[j]: the outlier columns' 16-bit activations.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_o = tl.arange(0, BLOCK_O)
+    mask_o = offs_o < KO
+    cols = tl.load(idx_ptr + offs_o, mask=mask_o, other=0)
+    keep = tl.load(keep_ptr + offs_o, mask=mask_o, other=0.0)
+    mask = (offs_m < M)[:, None] & mask_o[None, :]
+    x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
+    out = (x.to(tl.float32) * keep[None, :]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * KO + offs_o[None, :], out, mask=mask)
+
+
+@triton.jit
 def _column_absmax_kernel(x_ptr, stride_xm, out_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -253,12 +306,15 @@ def _gemm_config(M: int, N: int, K: int, int8: bool) -> dict:
 
 
 def _swapped_config(M: int) -> dict:
-    """W8A16 past 32 tokens (weights as the left operand); interpreter: small tiles."""
+    """W8A16 at 33..256 tokens (weights as the left operand); interpreter: small tiles."""
     if _INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    if M <= 128:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4)
+
+
+# Past this many tokens W8A16 dequantizes the weights (one pass, 3 bytes a weight) and runs cuBLAS: on the
+# H100 that beat every Triton mixed-precision tile at 512 and 2048 tokens (benches/NOTES.md, INT8).
+DEQUANT_MIN_TOKENS = 256
 
 
 def _grid(M: int, N: int, cfg: dict) -> tuple[int]:
@@ -332,6 +388,9 @@ def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return out
+    if M > DEQUANT_MIN_TOKENS and scales.dim() == 1 and not _INTERPRET and x.dtype != torch.float32:
+        # Numerics: each dequantized weight is rounded to x's dtype before cuBLAS's fp32-accumulated product.
+        return torch.nn.functional.linear(x, dequantize(qweight, scales, x.dtype), bias)
     if M > 32 and scales.dim() == 1:
         _launch_w8a16_swapped(x, qweight, scales, bias, out, _swapped_config(M))
     else:
@@ -368,7 +427,8 @@ def quantize_per_token(x: torch.Tensor, col_mask: torch.Tensor | None = None) ->
     scale = torch.empty(M, dtype=torch.float32, device=x.device)
     if M == 0:
         return q, scale
-    block = min(triton.next_power_of_2(K), 1024 if _INTERPRET else 16384)
+    # Whole rows in registers up to 8192 columns; longer rows (14336) stream twice in 4096-wide blocks.
+    block = min(triton.next_power_of_2(K), 1024 if _INTERPRET else (8192 if K <= 8192 else 4096))
     wrap_triton(_quantize_per_token_kernel)[(M,)](
         x, x.stride(0), col_mask if col_mask is not None else scale, q, scale, K, HAS_MASK=col_mask is not None,
         BLOCK=block, SINGLE=block >= K, num_warps=max(1, min(16, block // 512)))
@@ -409,13 +469,38 @@ def _(x):
     return x.new_empty(x.shape[1], dtype=torch.float32)
 
 
+def outlier_plan(amax: torch.Tensor, threshold: float, ko: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(idx [ko] int64, keep [ko] bool, col_mask [K] fp32) as `reference.outlier_columns_ref`, from the
+    column abs-max, in one launch (threshold > 0)."""
+    K = amax.shape[0]
+    idx = torch.zeros(ko, dtype=torch.int64, device=amax.device)
+    keep = torch.zeros(ko, dtype=torch.float32, device=amax.device)
+    col_mask = torch.empty(K, dtype=torch.float32, device=amax.device)
+    block = min(triton.next_power_of_2(K), 1024 if _INTERPRET else 4096)
+    threshold_bits = struct.unpack("<i", struct.pack("<f", threshold))[0]
+    wrap_triton(_outlier_plan_kernel)[(1,)](amax, idx, keep, col_mask, K, ko, threshold_bits, BLOCK=block,
+                                            num_warps=4)
+    return idx, keep > 0, col_mask
+
+
+def gather_columns(x: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x[:, idx] * keep for x [M, K] -> [M, KO] in x's dtype."""
+    M, ko = x.shape[0], idx.shape[0]
+    out = torch.empty(M, ko, dtype=x.dtype, device=x.device)
+    block_m = 16 if _INTERPRET else 64
+    wrap_triton(_gather_columns_kernel)[(triton.cdiv(M, block_m),)](
+        x, x.stride(0), idx, keep.to(torch.float32), out, M, ko, BLOCK_M=block_m,
+        BLOCK_O=max(16, triton.next_power_of_2(ko)), num_warps=4)
+    return out
+
+
 def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 threshold: float = 6.0, max_outliers: int = 64) -> torch.Tensor:
     """W8A8 linear with LLM.int8()'s outlier decomposition, as `decoding.reference.w8a8_linear_ref`.
 
-    Column abs-max, top-k of it (a fixed number of candidate columns, so no host sync), per-token
-    quantization with the outlier columns zeroed, then one GEMM kernel for both the int8 part and the
-    16-bit outlier part.
+    Column abs-max, the outlier plan (the first max_outliers columns over the threshold: a fixed
+    number, so no host sync), per-token quantization with those columns zeroed, their 16-bit
+    activations gathered, then one GEMM kernel for both the int8 part and the 16-bit outlier part.
     """
     x = _rows(x, "x")
     K = x.shape[1]
@@ -423,9 +508,6 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
     if ko == 0:
         q, s = quantize_per_token(x)
         return int8_scaled_mm(q, s, qweight, w_scale, bias, x.dtype)
-    values, idx = torch.topk(column_absmax(x), ko)
-    keep = values > threshold
-    col_mask = torch.ones(K, dtype=torch.float32, device=x.device).scatter_(0, idx, (~keep).float())
+    idx, keep, col_mask = outlier_plan(column_absmax(x), threshold, ko)
     q, s = quantize_per_token(x, col_mask)
-    x_out = x.index_select(1, idx) * keep.to(x.dtype)
-    return int8_scaled_mm(q, s, qweight, w_scale, bias, x.dtype, x_out, idx)
+    return int8_scaled_mm(q, s, qweight, w_scale, bias, x.dtype, gather_columns(x, idx, keep), idx)

@@ -170,10 +170,32 @@ def test_outlier_columns_are_the_ones_over_threshold():
     x[4, 10] = 7.0  # one element is enough to make its column an outlier
     x[:, 33] = -9.0
     idx, keep = reference.outlier_columns_ref(x, 6.0, 16)
-    assert sorted(idx[keep].tolist()) == [10, 33] and idx.numel() == 16
-    idx, keep = reference.outlier_columns_ref(x, 6.0, 1)  # capped: only the largest goes to 16 bits
+    assert idx[keep].tolist() == [10, 33] and idx.numel() == 16 and not idx[~keep].any()
+    idx, keep = reference.outlier_columns_ref(x, 6.0, 1)  # capped: the largest goes to 16 bits
     assert idx[keep].tolist() == [33]
     assert reference.outlier_columns_ref(x, 0.0, 16)[0].numel() == 0  # threshold 0: decomposition off
+
+
+@pytest.mark.parametrize("k,ko", [(64, 16), (2100, 8), (3000, 64), (200, 12)])
+def test_outlier_plan_and_gather_interpreted(k, ko):
+    _interp_triton()
+    from decoding.kernels import int8 as kernels
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(19, k, generator=g)
+    cols = torch.randperm(k, generator=g)[:14]
+    if ko == 12:  # a tie at the cut: two columns share the 13th largest maximum and both stay in int8
+        x[0, cols] = torch.tensor([20.0, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 8])
+    else:  # 14 outlier columns: more than ko = 8, fewer than 16
+        x[:, cols] *= 10.0
+    idx_ref, keep_ref = reference.outlier_columns_ref(x, 6.0, ko)
+    idx, keep, col_mask = kernels.outlier_plan(kernels.column_absmax(x), 6.0, ko)
+    assert torch.equal(idx, idx_ref) and torch.equal(keep, keep_ref)
+    if ko == 12:
+        assert sorted(idx[keep].tolist()) == sorted(cols[:12].tolist())
+    expected_mask = torch.ones(k).scatter_(0, idx_ref[keep_ref], 0.0)
+    assert torch.equal(col_mask, expected_mask)
+    assert torch.equal(kernels.gather_columns(x, idx, keep), x.index_select(1, idx) * keep)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -225,6 +247,24 @@ def test_w8a16_gpu(monkeypatch, dtype, n, k):
         for backend in _backends("w8a16_linear", "cuda"):
             out = _run(monkeypatch, "w8a16_linear", backend, x.device, x, q, s, b)
             _check_close(out, expected, dtype, backend)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_w8a16_prefill_dequantized_gpu(monkeypatch, dtype):
+    """Past DEQUANT_MIN_TOKENS the Triton backend dequantizes (exact int8 * fp32 scale, rounded once to
+    the dtype) and calls cuBLAS: the same result as F.linear on those rounded weights."""
+    from decoding.kernels import int8 as kernels
+    from decoding.quant import dequantize_weight
+
+    m = kernels.DEQUANT_MIN_TOKENS + 44
+    for n, k in ((6144, 4096), (2048, 8192)):
+        x, q, s, b, _ = _w8a16_case(m, n, k, dtype, "cuda", bias=True)
+        w = dequantize_weight(q, s).to(dtype)
+        assert torch.equal(kernels.dequantize(q, s, dtype), w)
+        expected = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        for backend in _backends("w8a16_linear", "cuda"):
+            _check_close(_run(monkeypatch, "w8a16_linear", backend, x.device, x, q, s, b), expected, dtype, backend)
 
 
 @gpu
