@@ -4,7 +4,8 @@ shapes, each ratio measured in the same run.
     pytest benches/bench_int8.py --benchmark-columns=median --benchmark-json=b.json
     python benches/bench_int8.py --summary b.json      # the table, and the per-layer ratios
 
-- test_w8a16_decode: the W8A16 GEMV (`ops.w8a16_linear`, cuda backend) at 1 and 16 tokens.
+- test_w8a16_decode: `ops.w8a16_linear` (cuda backend) at 1 token (the CUDA GEMV) and 16 (Triton).
+- test_w8a16_prefill: W8A16 at 2048 tokens (one-pass dequantize + cuBLAS past 256 tokens).
 - test_w8a8_prefill: the whole W8A8 linear (column abs-max, outlier top-k, per-token quantization, int8
   GEMM with fused scales and the 16-bit outlier part) at 2048 tokens, three outlier columns present.
 Weights rotate past the L2 inside a CUDA graph (benches/int8_timing.py); pytest-benchmark times the
@@ -65,6 +66,20 @@ def test_w8a16_decode(benchmark, model, n, k, m):
     weights = random_int8_weights(n, k, copies_for(n * k))
     xs = [torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for _ in weights]
     calls = [lambda q=q, s=s, x=x: ops.w8a16_linear(x, q, s) for (q, s), x in zip(weights, xs)]
+    _bench_graph(benchmark, calls, bf16_s, n * k + 4 * n + 2 * m * (n + k))
+    benchmark.extra_info.update(model=model, n=n, k=k, m=m)
+
+
+@pytest.mark.parametrize("model,n,k", CASES, ids=[f"{m}-{n}x{k}" for m, n, k in CASES])
+def test_w8a16_prefill(benchmark, model, n, k):
+    from decoding import ops
+
+    m = 2048
+    benchmark.group = "w8a16 m=2048"
+    bf16_s = _bf16(m, n, k)
+    weights = random_int8_weights(n, k, copies_for(n * k, 256 << 20))
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    calls = [lambda q=q, s=s: ops.w8a16_linear(x, q, s) for q, s in weights]
     _bench_graph(benchmark, calls, bf16_s, n * k + 4 * n + 2 * m * (n + k))
     benchmark.extra_info.update(model=model, n=n, k=k, m=m)
 
