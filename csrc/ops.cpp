@@ -18,6 +18,9 @@ TORCH_LIBRARY(decoding, m) {
   // In place RoPE on q and k, then k and v written to the paged caches at slot_mapping (CUDA only).
   m.def("rope_and_cache(Tensor positions, Tensor! q, Tensor! k, Tensor v, Tensor cos_sin_cache, "
         "Tensor! k_cache, Tensor! v_cache, Tensor slot_mapping) -> ()");
+  // W8A16 decode GEMV (1..16 tokens): out <- x @ (qweight * scales)^T + bias, int8 weights with fp32
+  // scales per output channel [N] or per group [N, K / group_size], fp32 accumulation.
+  m.def("w8a16_gemv(Tensor! out, Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> ()");
 }
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

@@ -58,9 +58,10 @@ def copy_bandwidth_gbps(device: torch.device | str, nbytes: int = 2 << 30, repea
 
 
 def weight_bytes_per_step(model: torch.nn.Module) -> int:
-    """Bytes of weights a decode step reads: every parameter once, except the embedding table, of which
-    only the looked-up rows are read (unless the LM head is tied to it and reads it whole)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of weights a decode step reads: every checkpoint tensor once (int8 weights and their scales
+    included), except the embedding table, of which only the looked-up rows are read (unless the LM
+    head is tied to it and reads it whole)."""
+    total = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     if model.lm_head is not None:
         emb = model.embed_tokens.weight
         total -= emb.numel() * emb.element_size()
@@ -68,11 +69,13 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
 
 
 def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                     tensor_parallel_size: int = 1, all_reduce: str | None = None, **engine_options):
+                     tensor_parallel_size: int = 1, all_reduce: str | None = None, quantize: str | None = None,
+                     **engine_options):
     """A Generator over random weights (std 0.02, norms 1) and a placeholder tokenizer of config's vocab.
 
     The weights are the same for every tensor_parallel_size (each rank slices its shard out of the same
     per-tensor draws, loader.random_tensors); over N > 1, N - 1 worker processes are started.
+    quantize="int8"|"w8a8" quantizes the projections afterwards (decoding.quant; one process only).
     """
     import tokenizers
 
@@ -85,6 +88,8 @@ def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dty
     tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     device = torch.device(device)
     if tensor_parallel_size > 1:
+        if quantize is not None:
+            raise ValueError("--quantize with --tp is not supported yet")
         from decoding import parallel, workers
 
         runner, _ = workers.launch(parallel.LoadSpec(random_config=config, seed=seed), tensor_parallel_size, device,
@@ -92,6 +97,10 @@ def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dty
         return Generator(runner.model, Tokenizer(tok, []), runner.block_size, runner=runner, **engine_options)
     model = build_model(config, device, dtype)
     load_weights(model, random_tensors(config, device, dtype, seed))
+    if quantize is not None:
+        from decoding.quant import quantize_model
+
+        quantize_model(model, quantize)
     return Generator(model, Tokenizer(tok, []), **engine_options)
 
 
@@ -126,11 +135,13 @@ class BenchResult:
     all_reduce_ms_per_step: float | None = None
     """2 all-reduces per layer at all_reduce_us (an eager step's cost), and their share of ms_per_step."""
     all_reduce_pct_of_step: float | None = None
+    quantize: str | None = None
+    """None (the dtype's weights), "int8" or "w8a8" (decoding.quant)."""
 
 
 def run(shape: str, batch: int = 1, prompt: int = 128, new: int = 256, device: str | None = None,
         dtype: str | None = None, profile: str | None = None, progress: bool = True,
-        tensor_parallel_size: int = 1, all_reduce: str | None = None) -> BenchResult:
+        tensor_parallel_size: int = 1, all_reduce: str | None = None, quantize: str | None = None) -> BenchResult:
     from decoding.generator import resolve_device_dtype
 
     dev, dt = resolve_device_dtype(device, dtype)
@@ -139,8 +150,10 @@ def run(shape: str, batch: int = 1, prompt: int = 128, new: int = 256, device: s
     t_start = time.perf_counter()
     # One step prefills the whole batch, so every sequence then decodes in lockstep, as in a static batch.
     with random_generator(config, dev, dt, tensor_parallel_size=tensor_parallel_size, all_reduce=all_reduce,
-                          max_num_seqs=batch, max_num_batched_tokens=max(batch * prompt, 256)) as gen:
-        result = _decode(gen, shape, config, batch, prompt, new, dev, dt, profile, progress, sync, t_start)
+                          quantize=quantize, max_num_seqs=batch,
+                          max_num_batched_tokens=max(batch * prompt, 256)) as gen:
+        result = replace(_decode(gen, shape, config, batch, prompt, new, dev, dt, profile, progress, sync, t_start),
+                         quantize=quantize)
         if tensor_parallel_size > 1:
             timing = gen.runner.bench_all_reduce(batch * config.hidden_size, dt)
             per_step = 2 * config.num_hidden_layers * timing["eager_us"] / 1e3
@@ -208,7 +221,19 @@ def main(args) -> None:
 
         rank_devices(resolve_device_dtype(args.device, args.dtype)[0], args.tp)
         shard_config(preset_config(args.shape), args.tp)
-    results = [run(args.shape, args.batch, args.prompt, args.new, args.device, args.dtype, args.profile)]
+    quantize = getattr(args, "quantize", None)
+    compare = getattr(args, "compare_bf16", False)
+    if compare and quantize is None:
+        raise ValueError("--compare-bf16 needs --quantize int8|w8a8")
+    if quantize is not None and args.tp > 1:
+        raise ValueError("--quantize with --tp is not supported yet")
+    common = (args.shape, args.batch, args.prompt, args.new, args.device, args.dtype)
+    results = []
+    if compare:  # the unquantized model first, in the same process; freed before the quantized one is built
+        results.append(run(*common))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    results.append(run(*common, args.profile, quantize=quantize))
     if args.tp > 1:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # TP=1's weights are gone: give rank 0's GPU back before the shards load
@@ -216,7 +241,8 @@ def main(args) -> None:
                            tensor_parallel_size=args.tp))
     for result in results:
         print(f"{result.device} {result.dtype}: {result.shape} batch {result.batch}, prompt {result.prompt}, "
-              f"{result.new} new tokens, TP={result.tensor_parallel_size}")
+              f"{result.new} new tokens, TP={result.tensor_parallel_size}"
+              + (f", quantize={result.quantize}" if result.quantize else ""))
         print(f"  {result.tok_s:.1f} tok/s, {result.ms_per_step:.2f} ms/step, {result.weight_bytes / 1e9:.2f} GB "
               f"weights/step{' per GPU' if result.tensor_parallel_size > 1 else ''}, {result.pct_of_copy_bw:.1f}% of "
               f"the {result.copy_GBps:.0f} GB/s copy bandwidth; TTFT {result.ttft_ms:.0f} ms; "
@@ -228,7 +254,14 @@ def main(args) -> None:
                   f"call{graph}; x{2 * preset_config(result.shape).num_hidden_layers} per step = "
                   f"{result.all_reduce_ms_per_step:.2f} ms, {result.all_reduce_pct_of_step:.0f}% of the step")
     record = asdict(results[0])
-    if len(results) > 1:
+    if compare:
+        baseline, result = results
+        speedup = result.tok_s / baseline.tok_s
+        print(f"  speed-up of {quantize} over {baseline.dtype}: {speedup:.2f}x tok/s "
+              f"({baseline.ms_per_step:.2f} -> {result.ms_per_step:.2f} ms/step; TTFT {baseline.ttft_ms:.0f} -> "
+              f"{result.ttft_ms:.0f} ms)")
+        record = {"baseline": asdict(baseline), "quantized": asdict(result), "speedup": speedup}
+    elif len(results) > 1:
         speedup = results[1].tok_s / results[0].tok_s
         print(f"TP={args.tp} vs TP=1: {speedup:.2f}x tok/s")
         record = {"runs": [asdict(r) for r in results], "speedup": speedup}

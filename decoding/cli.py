@@ -1,4 +1,4 @@
-"""`python -m decoding generate|info`: the command line."""
+"""`python -m decoding generate|info|bench|quantize`: the command line."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="bfloat16 | float16 | float32 | auto (bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--tensor-parallel-size", "--tp", dest="tp", type=int, default=None,
                    help="split the model over N GPUs (default 1; under torchrun, its number of processes)")
+    p.add_argument("--quantize", default=None, choices=["int8", "w8a8"],
+                   help="quantize on load: int8 weights (int8) or int8 weights and activations (w8a8)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -65,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="also run tensor-parallel over N GPUs (after TP=1, in the same invocation) and compare")
     bench.add_argument("--all-reduce", default=None, choices=["nccl", "symm_mem"],
                        help="TP all-reduce (default: $DECODING_TP_ALLREDUCE or nccl)")
+    bench.add_argument("--quantize", default=None, choices=["int8", "w8a8"], help="quantize the random model")
+    bench.add_argument("--compare-bf16", action="store_true",
+                       help="with --quantize: also run the unquantized model (--dtype) first and print the speed-up")
     bench.add_argument("--json", default=None, help="also write the result as JSON to this file")
     bench.add_argument("--profile", default=None, help="write a torch.profiler trace of the decode steps here")
     serve = bench.add_argument_group("serving load (--serve)")
@@ -84,7 +89,21 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--gpu-memory-utilization", type=float, default=None)
     serve.add_argument("--num-kv-blocks", type=int, default=None)
     serve.add_argument("--no-progress", dest="progress", action="store_false")
+    qnt = sub.add_parser("quantize", help="quantize a checkpoint once and save it (load it later with --model)")
+    qnt.add_argument("out", help="directory to write (config.json, tokenizer, model.safetensors)")
+    qnt.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file (default: embedded)")
+    qnt.add_argument("--mode", default="int8", choices=["int8", "w8a8"])
+    qnt.add_argument("--device", default=None)
+    qnt.add_argument("--dtype", default="auto")
     return parser
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    from decoding import Generator
+
+    gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.mode)
+    path = gen.save_quantized(args.out)
+    print(f"wrote {args.mode} checkpoint to {path}")
 
 
 def _load(args: argparse.Namespace):
@@ -93,7 +112,8 @@ def _load(args: argparse.Namespace):
     from decoding.workers import torchrun_world_size
 
     tp = args.tp if args.tp is not None else (torchrun_world_size() or 1)
-    return Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype, tensor_parallel_size=tp)
+    return Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype, tensor_parallel_size=tp,
+                                    quantize=getattr(args, "quantize", None))
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -160,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
             bench.main(args)
         else:
-            {"generate": _generate, "info": _info}[args.command](args)
+            {"generate": _generate, "info": _info, "quantize": _quantize}[args.command](args)
     except DecodingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from decoding import ops
+from decoding import ops, quant
 from decoding.engine import Engine, Request
 from decoding.errors import DecodingError, InvalidRequest
 from decoding.models.llama import LlamaModel
@@ -151,12 +151,14 @@ class Generator:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, progress: bool = True,
-                        tensor_parallel_size: int = 1, **engine_options) -> Generator:
+                        tensor_parallel_size: int = 1, quantize: str | None = None,
+                        **engine_options) -> Generator:
         """Load a HF checkpoint directory, a .gguf file, or (path=None) the embedded default model.
 
         Parameters
         ----------
         path : directory with config.json, *.safetensors and tokenizer.json; or a .gguf file; or None.
+            A directory written by `save_quantized` loads as the quantized model it holds.
         device : "cuda", "cpu", ... (default: CUDA when available).
         dtype : "bfloat16" | "float16" | "float32" | "auto" (default: bf16 on CUDA, fp32 on CPU).
         progress : show a progress bar while loading.
@@ -164,25 +166,39 @@ class Generator:
             "cuda:i"; CPU processes over gloo for device "cpu"). N-1 worker processes are started and
             driven from this one; under torchrun, the ranks are torchrun's (see decoding.parallel).
             Call close() (or use a with block) to stop them; garbage collection and exit also do.
+        quantize : None, "int8" (int8 weights, 16-bit activations) or "w8a8" (int8 weights and per-token
+            int8 activations with LLM.int8() outlier columns); see decoding.quant.
         engine_options : SchedulerConfig fields (max_num_seqs, gpu_memory_utilization, ...).
         """
         from decoding import loader
 
         device, dtype = resolve_device_dtype(device, dtype)
+        if quantize in (None, "none"):
+            quantize = None
+        elif not isinstance(quantize, str) or quantize not in quant.MODES:
+            raise InvalidRequest(f"quantize must be one of {quant.MODES} or None, got {quantize!r}")
         if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
                 or tensor_parallel_size < 1:
             raise InvalidRequest(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
         if tensor_parallel_size > 1:
+            if quantize is not None:
+                raise InvalidRequest("quantize with tensor_parallel_size > 1 is not supported yet: the workers load "
+                                     "unquantized shards")
             from decoding import parallel, workers
 
             runner, tokenizer = workers.launch(parallel.LoadSpec(path=None if path is None else str(path)),
                                                tensor_parallel_size, device, dtype, progress=progress)
             gen = cls(runner.model, tokenizer, runner.block_size, runner=runner, **engine_options)
         else:
-            model, tokenizer = loader.load(path, device, dtype, progress=progress)
+            model, tokenizer = loader.load(path, device, dtype, progress=progress, quantize=quantize)
             gen = cls(model, tokenizer, **engine_options)
         gen.model_path = str(path) if path is not None else "embedded: SmolLM2-135M-Instruct (GGUF Q4_1)"
         return gen
+
+    def save_quantized(self, path: str | Path) -> Path:
+        """Write this (quantized) model and its tokenizer as a checkpoint directory that
+        `Generator.from_pretrained(path)` loads without quantizing again (decoding.quant.save_quantized)."""
+        return quant.save_quantized(self.model, self.tokenizer, path)
 
     # ----------------------------------------------------------------------------- blocking API
     def generate(self, prompts: str | list[str], params: SamplingParams | list[SamplingParams] | None = None
@@ -344,13 +360,15 @@ class Generator:
         return {
             "model": self.model_path,
             "architecture": c.model_type,
-            # under tensor parallelism: the parameters of this process's shard (rank 0)
-            "parameters" if self.model.tp is None else "parameters_rank0": sum(p.numel() for p in self.model.parameters()),
+            # under tensor parallelism: the parameters of this process's shard (rank 0); int8 scales not counted
+            "parameters" if self.model.tp is None else "parameters_rank0":
+                sum(t.numel() for n, t in self.model.state_dict().items() if not n.endswith(".scales")),
             "layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
             "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
             "vocab_size": c.vocab_size, "context_window": c.max_position_embeddings,
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "tensor_parallel_size": 1 if self.model.tp is None else self.model.tp.world_size,
+            "quantize": None if getattr(self.model, "quant", None) is None else self.model.quant.mode,
             "op_backends": ops.active_backends(self.device),
         }
 

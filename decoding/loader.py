@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from decoding import quant
 from decoding.config import ModelConfig
 from decoding.errors import CheckpointError
 from decoding.models.llama import LlamaModel
+from decoding.quant import QuantConfig
 from decoding.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -220,11 +222,17 @@ def _count_safetensors(files: list[Path]) -> int:
 
 
 def load(path: str | Path | None, device: torch.device | str, dtype: torch.dtype,
-         progress: bool = False, tp: TensorParallel | None = None) -> tuple[LlamaModel, Tokenizer]:
+         progress: bool = False, tp: TensorParallel | None = None,
+         quantize: str | QuantConfig | None = None) -> tuple[LlamaModel, Tokenizer]:
     """Load a HF checkpoint directory, a .gguf file (or a directory holding one), or the embedded model (None).
 
-    With `tp`, only this rank's shard of the weights is kept (decoding.parallel).
+    With `tp`, only this rank's shard of the weights is kept (decoding.parallel). quantize: "int8" |
+    "w8a8" | a QuantConfig quantizes the projections on load (decoding.quant), after sharding. A
+    directory written by `quant.save_quantized` loads as the quantized model it holds; asking for
+    another quantization of it is an error.
     """
+    if isinstance(quantize, str):
+        quantize = QuantConfig(quantize)
     if path is None:
         from decoding.gguf import embedded_gguf_path
 
@@ -246,11 +254,25 @@ def load(path: str | Path | None, device: torch.device | str, dtype: torch.dtype
         config = ModelConfig.from_hf(ckpt.hf_config)
         model = build_model(config, device, dtype, tp)
         load_weights(model, iter(ckpt.tensors.items()), total=len(ckpt.tensors), progress=progress)
-        return model, Tokenizer.from_gguf(ckpt, config)
+        return _quantize(model, quantize, progress), Tokenizer.from_gguf(ckpt, config)
 
     config = ModelConfig.from_file(path / "config.json")
     files = _safetensors_files(path)
     tokenizer = Tokenizer.from_dir(path, config)
+    marker = quant.checkpoint_marker(files)
+    if marker is not None:
+        if tp is not None:
+            raise CheckpointError(f"{path} is a quantized checkpoint; tensor parallelism loads unquantized "
+                                  "checkpoints (and can quantize them on load)")
+        model = quant.load_quantized(config, files, marker, device, dtype, progress=progress)
+        if quantize is not None and quantize.mode != model.quant.mode:
+            raise CheckpointError(f"{path} is already quantized as {model.quant.mode!r}; it cannot be loaded "
+                                  f"as {quantize.mode!r}")
+        return model, tokenizer
     model = build_model(config, device, dtype, tp)
     load_weights(model, _iter_safetensors(files), total=_count_safetensors(files), progress=progress)
-    return model, tokenizer
+    return _quantize(model, quantize, progress), tokenizer
+
+
+def _quantize(model: LlamaModel, quantize: QuantConfig | None, progress: bool) -> LlamaModel:
+    return model if quantize is None else quant.quantize_model(model, quantize, progress=progress)

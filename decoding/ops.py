@@ -33,6 +33,11 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "linear": {"reference": torch.nn.functional.linear},
     "linear_silu_mul": {"reference": lambda x, w: reference.silu_and_mul_ref(torch.nn.functional.linear(x, w))},
     "sample_tokens": {"reference": lambda logits, state: _sampler().sample_tokens_ref(logits, state)},
+    "w8a16_linear": {"reference": reference.w8a16_linear_ref},
+    "w8a8_linear": {"reference": reference.w8a8_linear_ref},
+    "quantize_per_token": {"reference": reference.quantize_per_token_ref},
+    "column_absmax": {"reference": reference.column_absmax_ref},
+    "int8_scaled_mm": {"reference": reference.int8_scaled_mm_ref},
 }
 # Preference order per device type when no backend is forced.
 _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
@@ -116,6 +121,42 @@ def _ext_rope_and_cache_(positions, q, k, v, cos_sin_cache, k_cache, v_cache, sl
     torch.ops.decoding.rope_and_cache(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
 
 
+
+
+# The CUDA GEMV's limits (csrc/int8_checks.h); other calls of the cuda backend take the tensor-core path.
+_GEMV_MAX_TOKENS = 16
+_GEMV_CHUNK = 16
+# Past this many tokens the Triton GEMM on tensor cores beats the GEMV's fp32 FMAs (H100 sweep,
+# benches/NOTES.md, INT8); the GEMV still serves up to _GEMV_MAX_TOKENS when Triton is missing.
+_GEMV_PREFERRED_TOKENS = 3
+
+
+def _w8a16_many_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    """W8A16 past the GEMV's reach on CUDA: the Triton GEMM, else dequantize + cuBLAS."""
+    triton_impl = _IMPLS["w8a16_linear"].get("triton")
+    if triton_impl is not None:
+        return triton_impl(x, qweight, scales, bias)
+    from decoding.quant import dequantize_weight
+
+    return torch.nn.functional.linear(x, dequantize_weight(qweight, scales).to(x.dtype), bias)
+
+
+def _ext_w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    num_tokens, k = x.shape
+    group = k // scales.shape[1] if scales.dim() == 2 else k
+    most = _GEMV_PREFERRED_TOKENS if "triton" in _IMPLS["w8a16_linear"] else _GEMV_MAX_TOKENS
+    if not (1 <= num_tokens <= most and x.dtype in (torch.bfloat16, torch.float16)
+            and k % _GEMV_CHUNK == 0 and group % _GEMV_CHUNK == 0):
+        return _w8a16_many_tokens(x, qweight, scales, bias)
+    if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
+        x = x.contiguous()
+    out = torch.empty(num_tokens, qweight.shape[0], dtype=x.dtype, device=x.device)
+    torch.ops.decoding.w8a16_gemv(out, x, qweight, scales, bias)
+    return out
+
+
 def _register_extension() -> None:
     # The same torch.ops entry serves both backends (the dispatcher picks the kernel by device), so a
     # backend is claimed only for the dispatch keys the build really has: a CPU-only build claims no "cuda".
@@ -128,7 +169,10 @@ def _register_extension() -> None:
             if _has_kernel(schema, key):
                 _IMPLS[op][backend] = impl
 
-    # Fake (meta) kernels: both ops only write their Tensor! arguments, so tracing needs no outputs.
+    if _has_kernel("w8a16_gemv", "CUDA"):
+        _IMPLS["w8a16_linear"]["cuda"] = _ext_w8a16_linear
+
+    # Fake (meta) kernels: these ops only write their Tensor! arguments, so tracing needs no outputs.
     @torch.library.register_fake("decoding::rms_norm")
     def _(out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
         return None
@@ -137,10 +181,21 @@ def _register_extension() -> None:
     def _(input: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, epsilon: float) -> None:
         return None
 
+    def _w8a16_fake(out: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                    bias: torch.Tensor | None) -> None:
+        return None
+
+    try:
+        torch.library.register_fake("decoding::w8a16_gemv")(_w8a16_fake)
+    except RuntimeError:  # an extension built from older sources has no such schema
+        pass
+
 
 _EXTENSION_ERROR = _load_extension()
 if _EXTENSION_ERROR is None:
     _register_extension()
+
+
 def _sampler():
     # Imported on use: decoding.sampling.sampler calls back into this module.
     from decoding.sampling import sampler
@@ -157,6 +212,13 @@ if _TRITON_NORM is not None:
     _IMPLS["fused_add_rms_norm_"]["triton"] = _TRITON_NORM.fused_add_rms_norm_
     _IMPLS["sample_tokens"]["triton"] = _triton_sampling.sample_tokens_graphed
     _IMPLS["paged_attention"]["triton"] = _triton_attention.paged_attention
+    from decoding.kernels import int8 as _triton_int8
+
+    _IMPLS["w8a16_linear"]["triton"] = _triton_int8.w8a16_linear
+    _IMPLS["w8a8_linear"]["triton"] = _triton_int8.w8a8_linear
+    _IMPLS["quantize_per_token"]["triton"] = _triton_int8.quantize_per_token
+    _IMPLS["column_absmax"]["triton"] = _triton_int8.column_absmax
+    _IMPLS["int8_scaled_mm"]["triton"] = _triton_int8.int8_scaled_mm
 
 
 def extension_error() -> str | None:
@@ -286,3 +348,35 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_silu_mul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """silu(x @ gate^T) * (x @ up^T), weight = gate rows | up rows [2I, K]."""
     return _call("linear_silu_mul", x.device)(x, weight)
+
+
+def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [num_tokens, K] @ (qweight [N, K] int8 * scales)^T + bias -> [num_tokens, N] in x's dtype.
+
+    scales: fp32 [N] per output channel, or [N, K // group_size]. On CUDA, 1..16 tokens run the GEMV.
+    """
+    return _call("w8a16_linear", x.device)(x, qweight, scales, bias)
+
+
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                threshold: float = 6.0, max_outliers: int = 64) -> torch.Tensor:
+    """W8A8 with LLM.int8() outlier columns (see reference.w8a8_linear_ref); [num_tokens, N] in x's dtype."""
+    return _call("w8a8_linear", x.device)(x, qweight, w_scale, bias, threshold, max_outliers)
+
+
+def quantize_per_token(x: torch.Tensor, col_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 [M, K], fp32 scale [M]); col_mask [K] of 0/1 zeroes columns first."""
+    return _call("quantize_per_token", x.device)(x, col_mask)
+
+
+def column_absmax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the rows of x [M, K] -> fp32 [K]."""
+    return _call("column_absmax", x.device)(x)
+
+
+def int8_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                   bias: torch.Tensor | None, out_dtype: torch.dtype, x_out: torch.Tensor | None = None,
+                   out_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """b_scale * (a_scale * (a @ b^T) + x_out @ b[:, out_idx]^T) + bias (see reference.int8_scaled_mm_ref)."""
+    return _call("int8_scaled_mm", a.device)(a, a_scale, b, b_scale, bias, out_dtype, x_out, out_idx)

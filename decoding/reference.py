@@ -157,3 +157,119 @@ def paged_attention_ref(
         scores = scores.masked_fill(~allowed, float("-inf"))
         out[starts[b]:starts[b + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vb).to(q.dtype)
     return out
+
+
+# ----------------------------------------------------------------------------- INT8 (decoding/quant.py)
+def w8a16_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ (qweight [N, K] int8 * scales)^T + bias, accumulated in fp32, returned in x's dtype.
+
+    scales: fp32 [N], applied once to each output channel's sum; or [N, K // group_size], applied to
+    each group's partial sum (what the kernels do, in the same order).
+    """
+    xf, qf = x.float(), qweight.float()
+    if scales.dim() == 1:
+        y = (xf @ qf.t()) * scales
+    else:
+        (m, k), (n, groups) = x.shape, scales.shape
+        gs = k // groups
+        parts = torch.bmm(xf.view(m, groups, gs).transpose(0, 1), qf.view(n, groups, gs).permute(1, 2, 0))
+        y = (parts * scales.t()[:, None, :]).sum(0)  # parts: [groups, M, N]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def round_half_away_ref(v: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties away from zero (the int8 kernels' rounding), on fp32."""
+    return torch.where(v >= 0, v + 0.5, v - 0.5).trunc()
+
+
+def quantize_per_token_ref(x: torch.Tensor, col_mask: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per row: scale = max|row| / 127, q = round(row / scale) (ties away from zero).
+
+    x: [M, K]; col_mask: optional fp32 [K] of 0/1, multiplied in first (zeroes LLM.int8() outlier
+    columns). Returns (q [M, K] int8, scale [M] fp32); an all-zero row gets scale 1. 127 / amax is a
+    tensor division (IEEE; torch's scalar / tensor is a reciprocal times 127, which can differ by an ulp).
+    """
+    xf = x.float()
+    if col_mask is not None:
+        xf = xf * col_mask
+    amax = xf.abs().amax(-1)
+    nonzero = amax > 0
+    scale = torch.where(nonzero, amax / torch.full_like(amax, 127.0), torch.ones_like(amax))
+    inv = torch.where(nonzero, torch.full_like(amax, 127.0) / torch.where(nonzero, amax, torch.ones_like(amax)),
+                      torch.ones_like(amax))
+    q = round_half_away_ref(xf * inv[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def column_absmax_ref(x: torch.Tensor) -> torch.Tensor:
+    """max over rows of |x| for x [M, K] -> fp32 [K]."""
+    return x.float().abs().amax(0)
+
+
+def int8_scaled_mm_ref(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                       bias: torch.Tensor | None, out_dtype: torch.dtype, x_out: torch.Tensor | None = None,
+                       out_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """b_scale * (a_scale * (a @ b^T) + x_out @ b[:, out_idx]^T) + bias, as the W8A8 kernels compute it.
+
+    a: [M, K] int8 activations with per-row scales a_scale [M]; b: [N, K] int8 weights with per-row
+    scales b_scale [N]. The int8 product is exact (float64 holds every int32 sum of 127 * 127 * K for
+    K < 2^39). x_out [M, KO] (16-bit) and out_idx [KO] are LLM.int8()'s outlier columns: their product
+    with the same int8 weight columns is the 16-bit part, in fp32. out_dtype=torch.int32 returns a @ b^T.
+    """
+    acc = a.double() @ b.double().t()
+    if out_dtype == torch.int32:
+        return acc.to(torch.int32)
+    y = acc.float() * a_scale[:, None]
+    if x_out is not None and x_out.shape[1] > 0:
+        y = y + x_out.float() @ b[:, out_idx].float().t()
+    y = y * b_scale[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype)
+
+
+def outlier_columns_ref(x: torch.Tensor, threshold: float, max_outliers: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """LLM.int8()'s outlier columns of x [M, K]: those whose max |x| exceeds threshold.
+
+    Returns (idx [KO] int64, keep [KO] bool), KO = min(max_outliers, K): the outlier columns in
+    increasing order, padded with column 0 and keep False. When more than KO columns exceed the
+    threshold, only those above the (KO+1)-th largest column maximum are kept (the largest ones; a tie
+    at the cut drops the tied columns); the rest stay in int8. A fixed KO keeps the fast path free of
+    host syncs (no nonzero() of unknown size).
+    """
+    ko = min(max_outliers, x.shape[1]) if threshold > 0 else 0
+    idx = torch.zeros(ko, dtype=torch.int64, device=x.device)
+    keep = torch.zeros(ko, dtype=torch.bool, device=x.device)
+    if ko:
+        amax = column_absmax_ref(x)
+        over = amax > threshold
+        if over.sum() > ko:
+            over &= amax > amax.sort(descending=True).values[ko]
+        cols = over.nonzero()[:, 0]
+        idx[: cols.numel()] = cols
+        keep[: cols.numel()] = True
+    return idx, keep
+
+
+def w8a8_linear_ref(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                    threshold: float = 6.0, max_outliers: int = 64) -> torch.Tensor:
+    """W8A8 linear with LLM.int8()'s decomposition: x [M, K] (16-bit) @ (qweight [N, K] * w_scale [N])^T.
+
+    Outlier columns (outlier_columns_ref) go through a 16-bit matmul with the same int8 weight columns;
+    the rest is quantized per token and multiplied in int8 with int32 accumulation. threshold <= 0
+    turns the decomposition off (every column in int8).
+    """
+    idx, keep = outlier_columns_ref(x, threshold, max_outliers)
+    col_mask = None
+    x_out = None
+    if idx.numel():
+        col_mask = torch.ones(x.shape[1], dtype=torch.float32, device=x.device)
+        col_mask.scatter_(0, idx, (~keep).float())
+        x_out = x.index_select(1, idx) * keep.to(x.dtype)
+    q, s = quantize_per_token_ref(x, col_mask)
+    return int8_scaled_mm_ref(q, s, qweight, w_scale, bias, x.dtype, x_out, idx)

@@ -40,14 +40,15 @@ def _arch_flags() -> list[str]:
     return flags
 
 
-def _nvcc(cu: Path, stub_dir: Path, out_dir: Path) -> subprocess.CompletedProcess:
+def _nvcc(cu: Path, stub_dir: Path, out_dir: Path, defines: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     includes = [stub_dir, CSRC, *cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     cmd = [
         "nvcc",
         "-c",
         str(cu),
         "-o",
-        str(out_dir / (cu.stem + ".o")),
+        str(out_dir / (cu.stem + "".join(d.lower() for d in defines) + ".o")),
+        *(f"-D{d}" for d in defines),
         "-O3",
         _cxx_std(),
         "--threads",
@@ -61,6 +62,10 @@ def _nvcc(cu: Path, stub_dir: Path, out_dir: Path) -> subprocess.CompletedProces
     return subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
 
 
+# Extra builds of one file: the stand-alone GEMV tuning build (benches/tune_int8.py) of int8_gemv.cu.
+VARIANTS = [(CSRC / "cuda/int8_gemv.cu", ("DECODING_GEMV_TUNE",))]
+
+
 @pytest.mark.skipif(not CU_FILES, reason="no .cu files")
 def test_cuda_sources_compile(tmp_path):
     stub = tmp_path / "stub"
@@ -68,7 +73,9 @@ def test_cuda_sources_compile(tmp_path):
     if not macros.exists():
         (stub / "c10/cuda/impl").mkdir(parents=True)
         (stub / "c10/cuda/impl/cuda_cmake_macros.h").write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-    with ThreadPoolExecutor(max_workers=len(CU_FILES)) as pool:
-        results = list(pool.map(lambda cu: _nvcc(cu, stub, tmp_path), CU_FILES))
-    failures = [f"{cu.name}:\n{r.stderr[-4000:]}" for cu, r in zip(CU_FILES, results) if r.returncode != 0]
+    jobs = [(cu, ()) for cu in CU_FILES] + [v for v in VARIANTS if v[0].exists()]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        results = list(pool.map(lambda job: _nvcc(job[0], stub, tmp_path, job[1]), jobs))
+    failures = [f"{cu.name} {defines}:\n{r.stderr[-4000:]}" for (cu, defines), r in zip(jobs, results)
+                if r.returncode != 0]
     assert not failures, "\n\n".join(failures)

@@ -1,0 +1,352 @@
+"""INT8 kernels against decoding.reference: W8A16 (CUDA GEMV, Triton GEMM), per-token quantization,
+column abs-max, the W8A8 int8 GEMM (int32 accumulators exact) and the whole W8A8 / LLM.int8() linear.
+
+On CPU the Triton kernels run under the interpreter at small shapes; on a GPU (marked gpu) every
+backend runs at the Llama-3-8B and Llama-3.2-1B projection shapes in bf16 and fp16.
+
+Tolerances. W8A16 and the scaled W8A8 output: kernel and reference sum the same fp32 products in a
+different order (error ~ K * 2^-24 * sum|x w|, far below one output ulp), then round once to the
+output dtype, so the kernel is within one ulp of the fp32 reference: rtol = 2^-8 (bf16) / 2^-11 (fp16)
+plus an atol of 1e-4 of the output's scale for the summation order. The Triton interpreter truncates
+fp32 -> bf16 instead of rounding (one more ulp). Integer results (quantized activations, int32
+accumulators) must match exactly.
+"""
+
+import os
+
+import pytest
+import torch
+
+from decoding import ops, reference
+from decoding.quant import quantize_weight
+
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+ULP = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-20}
+# (N, K) of the projections: Llama-3-8B then Llama-3.2-1B (qkv, o, gate_up, down).
+GPU_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336),
+              (3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192)]
+
+
+def _backends(op: str, device: str) -> list[str]:
+    dev = torch.device(device).type
+    return [b for b in ops._IMPLS[op] if b != "reference" and dev in ops._DEVICES.get(b, {dev})]
+
+
+def _interp_triton() -> list[str]:
+    if "triton" not in _backends("w8a16_linear", "cpu"):
+        pytest.skip("Triton is not interpreted here")
+    return ["triton"]
+
+
+def _check_close(out: torch.Tensor, expected_fp32: torch.Tensor, dtype: torch.dtype, backend: str) -> None:
+    rtol = ULP[dtype] * (2 if backend == "triton" and INTERPRETED and dtype == torch.bfloat16 else 1)
+    atol = 1e-4 * expected_fp32.abs().max().item() + 1e-6
+    torch.testing.assert_close(out.float(), expected_fp32, rtol=rtol, atol=atol)
+
+
+def _w8a16_case(m, n, k, dtype, device, group_size=None, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype=dtype, device=device)
+    w = torch.randn(n, k, generator=g) * 0.05
+    q, s = quantize_weight(w, group_size)
+    b = (torch.randn(n, generator=g) * 0.1).to(dtype=dtype, device=device) if bias else None
+    q, s = q.to(device), s.to(device)
+    expected = reference.w8a16_linear_ref(x.float(), q, s, None if b is None else b.float())
+    return x, q, s, b, expected
+
+
+def _run(monkeypatch, op: str, backend: str, device, *args):
+    monkeypatch.setenv("DECODING_BACKEND", backend)
+    assert ops.select(op, device) == backend
+    return getattr(ops, op)(*args)
+
+
+# ----------------------------------------------------------------------------- references themselves
+def test_w8a16_reference_matches_dequantized_matmul():
+    x, q, s, b, _ = _w8a16_case(5, 24, 64, torch.float32, "cpu", group_size=32, bias=True)
+    from decoding.quant import dequantize_weight
+
+    expected = x.double() @ dequantize_weight(q, s).double().t() + b.double()
+    torch.testing.assert_close(reference.w8a16_linear_ref(x, q, s, b).double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_reference_is_exact_integer_product():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-127, 128, (7, 300), generator=g, dtype=torch.int8)
+    b = torch.full((5, 300), 127, dtype=torch.int8)
+    acc = reference.int8_scaled_mm_ref(a, None, b, None, None, torch.int32)
+    assert torch.equal(acc, (a.long() @ b.long().t()).int())
+
+
+# ----------------------------------------------------------------------------- CPU: interpreted Triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,group,bias", [(1, 40, 64, None, False), (33, 72, 96, None, True),
+                                              (7, 48, 128, 32, True), (17, 16, 80, 16, False)])
+def test_w8a16_triton_interpreted(monkeypatch, dtype, m, n, k, group, bias):
+    for backend in _interp_triton():
+        x, q, s, b, expected = _w8a16_case(m, n, k, dtype, "cpu", group, bias)
+        out = _run(monkeypatch, "w8a16_linear", backend, x.device, x, q, s, b)
+        assert out.shape == (m, n) and out.dtype == dtype
+        _check_close(out, expected, dtype, backend)
+
+
+@pytest.mark.parametrize("m", [1, 20])
+def test_w8a16_swapped_and_dequantize_interpreted(m):
+    """The prefill variant (weights as the left operand) at any M, and the one-pass dequantizer."""
+    _interp_triton()
+    from decoding.kernels import int8 as kernels
+    from decoding.quant import dequantize_weight
+
+    x, q, s, b, expected = _w8a16_case(m, 40, 96, torch.bfloat16, "cpu", bias=True)
+    out = torch.empty(m, 40, dtype=torch.bfloat16)
+    kernels._launch_w8a16_swapped(x, q, s, b, out, kernels._swapped_config(m))
+    _check_close(out, expected, torch.bfloat16, "triton")
+    torch.testing.assert_close(kernels.dequantize(q, s, torch.float32), dequantize_weight(q, s), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,k", [(1, 64), (9, 200), (3, 2100)])
+def test_quantize_per_token_interpreted_exact(monkeypatch, dtype, m, k):
+    for backend in _interp_triton():
+        g = torch.Generator().manual_seed(m)
+        x = (torch.randn(m, k, generator=g) * 3).to(dtype)
+        x[0, : k // 2] = 0.0
+        mask = (torch.rand(k, generator=g) > 0.1).float()
+        for col_mask in (None, mask):
+            q, scale = _run(monkeypatch, "quantize_per_token", backend, x.device, x, col_mask)
+            q_ref, scale_ref = reference.quantize_per_token_ref(x, col_mask)
+            assert torch.equal(q, q_ref) and torch.equal(scale, scale_ref)
+        zero_q, zero_s = _run(monkeypatch, "quantize_per_token", backend, x.device, torch.zeros(2, k, dtype=dtype))
+        assert not zero_q.any() and torch.equal(zero_s, torch.ones(2))
+
+
+def test_column_absmax_interpreted_exact(monkeypatch):
+    for backend in _interp_triton():
+        x = torch.randn(37, 150, dtype=torch.bfloat16)
+        out = _run(monkeypatch, "column_absmax", backend, x.device, x)
+        assert torch.equal(out, reference.column_absmax_ref(x))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 40, 64), (33, 72, 96), (20, 16, 300)])
+def test_int8_gemm_int32_interpreted_exact(m, n, k):
+    _interp_triton()
+    from decoding.kernels.int8 import int8_scaled_mm
+
+    g = torch.Generator().manual_seed(k)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    ones_m, ones_n = torch.ones(m), torch.ones(n)
+    assert torch.equal(int8_scaled_mm(a, ones_m, b, ones_n, None, torch.int32),
+                       reference.int8_scaled_mm_ref(a, ones_m, b, ones_n, None, torch.int32))
+
+
+def _w8a8_case(m, n, k, dtype, device, outlier_cols=(3, 17), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g)
+    for c in outlier_cols:  # LLM.int8()-style feature outliers: whole columns far over the threshold
+        x[:, c] *= 12.0
+    w = torch.randn(n, k, generator=g) * 0.05
+    q, s = quantize_weight(w)
+    b = (torch.randn(n, generator=g) * 0.1).to(dtype)
+    return x.to(dtype=dtype, device=device), q.to(device), s.to(device), b.to(device)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m,n,k,max_outliers", [(17, 48, 64, 16), (40, 80, 160, 8), (18, 32, 96, 0)])
+def test_w8a8_linear_interpreted(monkeypatch, dtype, m, n, k, max_outliers):
+    for backend in _interp_triton():
+        x, q, s, b = _w8a8_case(m, n, k, dtype, "cpu")
+        threshold = 6.0 if max_outliers else 0.0
+        out = _run(monkeypatch, "w8a8_linear", backend, x.device, x, q, s, b, threshold, max_outliers)
+        expected = reference.w8a8_linear_ref(x.float(), q, s, b.float(), threshold, max_outliers)
+        _check_close(out, expected, dtype, backend)
+
+
+# ----------------------------------------------------------------------------- LLM.int8() decomposition
+def test_outlier_columns_are_the_ones_over_threshold():
+    x = torch.randn(9, 64)
+    x[4, 10] = 7.0  # one element is enough to make its column an outlier
+    x[:, 33] = -9.0
+    idx, keep = reference.outlier_columns_ref(x, 6.0, 16)
+    assert idx[keep].tolist() == [10, 33] and idx.numel() == 16 and not idx[~keep].any()
+    idx, keep = reference.outlier_columns_ref(x, 6.0, 1)  # capped: the largest goes to 16 bits
+    assert idx[keep].tolist() == [33]
+    assert reference.outlier_columns_ref(x, 0.0, 16)[0].numel() == 0  # threshold 0: decomposition off
+
+
+@pytest.mark.parametrize("k,ko", [(64, 16), (2100, 8), (3000, 64), (200, 12)])
+def test_outlier_plan_and_gather_interpreted(k, ko):
+    _interp_triton()
+    from decoding.kernels import int8 as kernels
+
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(19, k, generator=g)
+    cols = torch.randperm(k, generator=g)[:14]
+    if ko == 12:  # a tie at the cut: two columns share the 13th largest maximum and both stay in int8
+        x[0, cols] = torch.tensor([20.0, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 8])
+    else:  # 14 outlier columns: more than ko = 8, fewer than 16
+        x[:, cols] *= 10.0
+    idx_ref, keep_ref = reference.outlier_columns_ref(x, 6.0, ko)
+    idx, keep, col_mask = kernels.outlier_plan(kernels.column_absmax(x), 6.0, ko)
+    assert torch.equal(idx, idx_ref) and torch.equal(keep, keep_ref)
+    if ko == 12:
+        assert sorted(idx[keep].tolist()) == sorted(cols[:12].tolist())
+    expected_mask = torch.ones(k).scatter_(0, idx_ref[keep_ref], 0.0)
+    assert torch.equal(col_mask, expected_mask)
+    assert torch.equal(kernels.gather_columns(x, idx, keep), x.index_select(1, idx) * keep)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_fp16_part_is_exact(monkeypatch, backend):
+    """With x nonzero only in outlier columns, the int8 part is exactly zero and the output is the 16-bit
+    product of those columns with the dequantized weights; with x anywhere else, those columns' weights
+    never enter the int8 product."""
+    if backend == "triton":
+        _interp_triton()
+    x, q, s, _ = _w8a8_case(20, 32, 64, torch.float32, "cpu", outlier_cols=(5, 40))
+    only = torch.zeros_like(x)
+    only[:, [5, 40]] = x[:, [5, 40]]
+    out = _run(monkeypatch, "w8a8_linear", backend, x.device, only, q, s, None, 6.0, 8)
+    from decoding.quant import dequantize_weight
+
+    fp16_part = only[:, [5, 40]].double() @ dequantize_weight(q, s)[:, [5, 40]].double().t()
+    torch.testing.assert_close(out.double(), fp16_part, rtol=1e-6, atol=1e-6)
+    # Changing the outlier columns' weights changes nothing of the int8 part's input: the whole
+    # difference is the 16-bit part's.
+    q2 = q.clone()
+    q2[:, [5, 40]] = 0
+    diff = (_run(monkeypatch, "w8a8_linear", backend, x.device, x, q, s, None, 6.0, 8)
+            - _run(monkeypatch, "w8a8_linear", backend, x.device, x, q2, s, None, 6.0, 8))
+    full_part = x[:, [5, 40]].double() @ dequantize_weight(q, s)[:, [5, 40]].double().t()
+    torch.testing.assert_close(diff.double(), full_part, rtol=1e-5, atol=1e-5)
+
+
+def test_decomposition_beats_plain_int8_on_outliers():
+    x, q, s, _ = _w8a8_case(32, 64, 256, torch.float32, "cpu", outlier_cols=(1, 2, 3))
+    exact = reference.w8a16_linear_ref(x, q, s)  # 16-bit activations, same int8 weights
+    with_dec = reference.w8a8_linear_ref(x, q, s, None, 6.0, 16)
+    without = reference.w8a8_linear_ref(x, q, s, None, 0.0, 16)
+    err_with = (with_dec - exact).norm() / exact.norm()
+    err_without = (without - exact).norm() / exact.norm()
+    # Per-token int8 of a row whose scale is set by a 12-sigma outlier has a step 12x coarser.
+    assert err_with < err_without / 4
+
+
+# ----------------------------------------------------------------------------- GPU
+gpu = pytest.mark.gpu
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", GPU_SHAPES + [(1001, 528)])
+def test_w8a16_gpu(monkeypatch, dtype, n, k):
+    for m in (1, 2, 3, 5, 8, 11, 16, 17, 64):
+        x, q, s, b, expected = _w8a16_case(m, n, k, dtype, "cuda", bias=m % 2 == 1, seed=m)
+        for backend in _backends("w8a16_linear", "cuda"):
+            out = _run(monkeypatch, "w8a16_linear", backend, x.device, x, q, s, b)
+            _check_close(out, expected, dtype, backend)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_w8a16_prefill_dequantized_gpu(monkeypatch, dtype):
+    """Past DEQUANT_MIN_TOKENS the Triton backend dequantizes (exact int8 * fp32 scale, rounded once to
+    the dtype) and calls cuBLAS: the same result as F.linear on those rounded weights."""
+    from decoding.kernels import int8 as kernels
+    from decoding.quant import dequantize_weight
+
+    m = kernels.DEQUANT_MIN_TOKENS + 44
+    for n, k in ((6144, 4096), (2048, 8192)):
+        x, q, s, b, _ = _w8a16_case(m, n, k, dtype, "cuda", bias=True)
+        w = dequantize_weight(q, s).to(dtype)
+        assert torch.equal(kernels.dequantize(q, s, dtype), w)
+        expected = torch.nn.functional.linear(x.float(), w.float(), b.float())
+        for backend in _backends("w8a16_linear", "cuda"):
+            _check_close(_run(monkeypatch, "w8a16_linear", backend, x.device, x, q, s, b), expected, dtype, backend)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [32, 128])
+def test_w8a16_grouped_and_strided_gpu(monkeypatch, dtype, group):
+    for m in (1, 4, 16, 40):
+        x, q, s, b, expected = _w8a16_case(m, 3072, 2048, dtype, "cuda", group, bias=True, seed=m)
+        wide = torch.zeros(m, 2048 + 64, dtype=dtype, device="cuda")
+        wide[:, :2048] = x
+        for backend in _backends("w8a16_linear", "cuda"):
+            _check_close(_run(monkeypatch, "w8a16_linear", backend, x.device, x, q, s, b), expected, dtype, backend)
+            out = _run(monkeypatch, "w8a16_linear", backend, x.device, wide[:, :2048], q, s, b)
+            _check_close(out, expected, dtype, backend)
+
+
+@gpu
+def test_gemv_every_output_written_gpu():
+    if "cuda" not in _backends("w8a16_linear", "cuda"):
+        pytest.skip("no CUDA GEMV in this build")
+    x, q, s, _, expected = _w8a16_case(3, 1001, 528, torch.bfloat16, "cuda")
+    out = torch.full((3, 1001), float("nan"), dtype=torch.bfloat16, device="cuda")
+    torch.ops.decoding.w8a16_gemv(out, x, q, s, None)
+    assert not out.isnan().any()
+    _check_close(out, expected, torch.bfloat16, "cuda")
+
+
+@gpu
+def test_gemv_rejects_bad_inputs_gpu():
+    if "cuda" not in _backends("w8a16_linear", "cuda"):
+        pytest.skip("no CUDA GEMV in this build")
+    x = torch.randn(2, 64, dtype=torch.bfloat16, device="cuda")
+    q = torch.zeros(8, 64, dtype=torch.int8, device="cuda")
+    s = torch.ones(8, device="cuda")
+    out = torch.empty(2, 8, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="1..16 rows"):
+        torch.ops.decoding.w8a16_gemv(torch.empty(17, 8, dtype=torch.bfloat16, device="cuda"),
+                                      torch.randn(17, 64, dtype=torch.bfloat16, device="cuda"), q, s, None)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.decoding.w8a16_gemv(out, x[:, :40], q[:, :40], s, None)
+    with pytest.raises(RuntimeError, match="int8"):
+        torch.ops.decoding.w8a16_gemv(out, x, q.float(), s, None)
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantize_and_absmax_gpu_exact(monkeypatch, dtype):
+    for m, k in ((1, 4096), (2048, 4096), (37, 14336), (5, 2048)):
+        x = (torch.randn(m, k, device="cuda") * 2).to(dtype)
+        mask = (torch.rand(k, device="cuda") > 0.01).float()
+        for backend in _backends("quantize_per_token", "cuda"):
+            q, scale = _run(monkeypatch, "quantize_per_token", backend, x.device, x, mask)
+            q_ref, scale_ref = reference.quantize_per_token_ref(x, mask)
+            assert torch.equal(scale, scale_ref)
+            assert torch.equal(q, q_ref)
+            assert torch.equal(_run(monkeypatch, "column_absmax", backend, x.device, x),
+                               reference.column_absmax_ref(x))
+
+
+@gpu
+@pytest.mark.parametrize("n,k", GPU_SHAPES)
+def test_int8_gemm_int32_gpu_exact(n, k):
+    if "triton" not in _backends("int8_scaled_mm", "cuda"):
+        pytest.skip("no Triton")
+    from decoding.kernels.int8 import int8_scaled_mm
+
+    for m in (1, 16, 300):
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+        b = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+        ones_m, ones_n = torch.ones(m, device="cuda"), torch.ones(n, device="cuda")
+        assert torch.equal(int8_scaled_mm(a, ones_m, b, ones_n, None, torch.int32),
+                           reference.int8_scaled_mm_ref(a, ones_m, b, ones_n, None, torch.int32))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k", GPU_SHAPES)
+def test_w8a8_linear_gpu(monkeypatch, dtype, n, k):
+    for m, max_outliers in ((2048, 64), (33, 64), (200, 0)):
+        x, q, s, b = _w8a8_case(m, n, k, dtype, "cuda", outlier_cols=(7, 100, 2000), seed=m)
+        threshold = 6.0 if max_outliers else 0.0
+        expected = reference.w8a8_linear_ref(x.float(), q, s, b.float(), threshold, max_outliers)
+        for backend in _backends("w8a8_linear", "cuda"):
+            out = _run(monkeypatch, "w8a8_linear", backend, x.device, x, q, s, b, threshold, max_outliers)
+            _check_close(out, expected, dtype, backend)
