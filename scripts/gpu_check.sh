@@ -3,23 +3,12 @@
 # (GPU tests included) and the kernel benchmarks; logs go to $OUT (or ./gpu_logs).
 # Wheels for packages the node lacks (e.g. gguf) may be put in .whl/ beforehand.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_logs}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
-fi
+source "$(dirname "$0")/gpu_env.sh"
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/env.txt"
-# Build with the system toolchain: on the lent H100/H200 image, Python's sysconfig compiler resolves to a
-# /opt/gcc/bin/g++ wrapper that links part of libstdc++ statically into the extension, whose iostream
-# facets are then never initialised: formatting an integer in a TORCH_CHECK message segfaulted.
-# Set unconditionally: a CC preset in that image's environment kept the wrapper when these were defaults.
-export CC=gcc CXX=g++ LDSHARED="g++ -shared"
+# (gpu_env.sh set CC/CXX/LDSHARED to the system toolchain: see there why.)
 start=$(date +%s)
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
     python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1

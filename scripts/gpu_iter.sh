@@ -3,15 +3,7 @@
 # targets (GPU marks included), then each `bench` argument line. Logs in $OUT.
 # usage: bash scripts/gpu_iter.sh "tests/kernels -m gpu" -- "--shape llama-3.2-1b --batch 1" ...
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-gpu_logs}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site
-fi
-export CC=gcc CXX=g++ LDSHARED="g++ -shared"  # see gpu_check.sh: the image's g++ wrapper breaks the .so
+source "$(dirname "$0")/gpu_env.sh"
 start=$(date +%s)
 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 -m pip install -v --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1
 echo "build rc=$? in $(( $(date +%s) - start )) s" | tee "$OUT/summary.txt"
