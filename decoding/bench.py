@@ -240,9 +240,9 @@ def main(args) -> None:
         results.append(run(args.shape, args.batch, args.prompt, args.new, args.device, args.dtype, None,
                            tensor_parallel_size=args.tp))
     for result in results:
-        print(f"{result.device} {result.dtype}: {result.shape} batch {result.batch}, prompt {result.prompt}, "
-              f"{result.new} new tokens, TP={result.tensor_parallel_size}"
-              + (f", quantize={result.quantize}" if result.quantize else ""))
+        quantized = f" {result.quantize}" if result.quantize else ""
+        print(f"{result.device} {result.dtype}{quantized}: {result.shape} batch {result.batch}, prompt "
+              f"{result.prompt}, {result.new} new tokens, TP={result.tensor_parallel_size}")
         print(f"  {result.tok_s:.1f} tok/s, {result.ms_per_step:.2f} ms/step, {result.weight_bytes / 1e9:.2f} GB "
               f"weights/step{' per GPU' if result.tensor_parallel_size > 1 else ''}, {result.pct_of_copy_bw:.1f}% of "
               f"the {result.copy_GBps:.0f} GB/s copy bandwidth; TTFT {result.ttft_ms:.0f} ms; "
