@@ -77,7 +77,7 @@ class Generator:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, progress: bool = True,
-                        quantize: str | None = None) -> Generator:
+                        quantize: str | quant.QuantConfig | None = None) -> Generator:
         """Load a HF checkpoint directory, a .gguf file, or (path=None) the embedded default model.
 
         Parameters
@@ -88,15 +88,17 @@ class Generator:
         dtype : "bfloat16" | "float16" | "float32" | "auto" (default: bf16 on CUDA, fp32 on CPU).
         progress : show a progress bar while loading.
         quantize : None, "int8" (int8 weights, 16-bit activations) or "w8a8" (int8 weights and per-token
-            int8 activations with LLM.int8() outlier columns); see decoding.quant.
+            int8 activations with LLM.int8() outlier columns), or a decoding.quant.QuantConfig (group
+            size, outlier threshold, ...).
         """
         from decoding import loader
 
         device, dtype = resolve_device_dtype(device, dtype)
         if quantize in (None, "none"):
             quantize = None
-        elif not isinstance(quantize, str) or quantize not in quant.MODES:
-            raise InvalidRequest(f"quantize must be one of {quant.MODES} or None, got {quantize!r}")
+        elif not isinstance(quantize, quant.QuantConfig) and (not isinstance(quantize, str)
+                                                              or quantize not in quant.MODES):
+            raise InvalidRequest(f"quantize must be one of {quant.MODES}, a QuantConfig or None, got {quantize!r}")
         model, tokenizer = loader.load(path, device, dtype, progress=progress, quantize=quantize)
         gen = cls(model, tokenizer)
         gen.model_path = str(path) if path is not None else "embedded: SmolLM2-135M-Instruct (GGUF Q4_1)"
