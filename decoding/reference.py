@@ -187,20 +187,15 @@ def column_absmax_ref(x: torch.Tensor) -> torch.Tensor:
     return x.float().abs().amax(0)
 
 
-# fp32 holds every integer up to 2^24, and 1024 * 127 * 127 < 2^24: a product over 1024 columns of int8
-# values is exact in fp32 whatever the summation order (several times faster than fp64 on a CPU).
-_EXACT_FP32_COLUMNS = 1024
-
-
 def _int8_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [M, K] int8 @ b [N, K]^T int8, exact, as float64."""
-    if a.is_cuda or torch.get_float32_matmul_precision() != "highest":  # TF32/bf16 fp32 matmuls: not exact
-        return a.double() @ b.double().t()
-    acc = None
-    for k in range(0, a.shape[1], _EXACT_FP32_COLUMNS):
-        part = (a[:, k: k + _EXACT_FP32_COLUMNS].float() @ b[:, k: k + _EXACT_FP32_COLUMNS].float().t()).double()
-        acc = part if acc is None else acc + part
-    return acc if acc is not None else torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    """a [M, K] int8 @ b [N, K]^T int8, exact, as float64: int32 products on the CPU (torch._int_mm),
+    float64 elsewhere (which holds every such sum exactly for K < 2^39)."""
+    if a.device.type == "cpu":
+        try:
+            return torch._int_mm(a, b.t()).double()
+        except (RuntimeError, AttributeError):  # a torch without int8 matmul on the CPU
+            pass
+    return a.double() @ b.double().t()
 
 
 def int8_scaled_mm_ref(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -209,8 +204,7 @@ def int8_scaled_mm_ref(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, 
     """b_scale * (a_scale * (a @ b^T) + x_out @ b[:, out_idx]^T) + bias, as the W8A8 kernels compute it.
 
     a: [M, K] int8 activations with per-row scales a_scale [M]; b: [N, K] int8 weights with per-row
-    scales b_scale [N]. The int8 product is exact: fp32 matmuls over blocks of 1024 columns (each exact),
-    summed in float64. x_out [M, KO] (16-bit) and out_idx [KO] are LLM.int8()'s outlier columns: their product
+    scales b_scale [N]. The int8 product is exact (_int8_matmul_exact). x_out [M, KO] (16-bit) and out_idx [KO] are LLM.int8()'s outlier columns: their product
     with the same int8 weight columns is the 16-bit part, in fp32. out_dtype=torch.int32 returns a @ b^T.
     """
     acc = _int8_matmul_exact(a, b)
