@@ -188,11 +188,11 @@ def column_absmax_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def _int8_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a [M, K] int8 @ b [N, K]^T int8, exact, as float64: int32 products on the CPU (torch._int_mm),
-    float64 elsewhere (which holds every such sum exactly for K < 2^39)."""
+    """a [M, K] int8 @ b [N, K]^T int8, exact: int32 on the CPU (torch._int_mm), else float64 (which
+    holds every such sum exactly for K < 2^39)."""
     if a.device.type == "cpu":
         try:
-            return torch._int_mm(a, b.t()).double()
+            return torch._int_mm(a, b.t())
         except (RuntimeError, AttributeError):  # a torch without int8 matmul on the CPU
             pass
     return a.double() @ b.double().t()
