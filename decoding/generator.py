@@ -151,7 +151,7 @@ class Generator:
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, progress: bool = True,
-                        tensor_parallel_size: int = 1, quantize: str | None = None,
+                        tensor_parallel_size: int = 1, quantize: str | quant.QuantConfig | None = None,
                         **engine_options) -> Generator:
         """Load a HF checkpoint directory, a .gguf file, or (path=None) the embedded default model.
 
@@ -167,7 +167,8 @@ class Generator:
             driven from this one; under torchrun, the ranks are torchrun's (see decoding.parallel).
             Call close() (or use a with block) to stop them; garbage collection and exit also do.
         quantize : None, "int8" (int8 weights, 16-bit activations) or "w8a8" (int8 weights and per-token
-            int8 activations with LLM.int8() outlier columns); see decoding.quant.
+            int8 activations with LLM.int8() outlier columns), or a decoding.quant.QuantConfig (group
+            size, outlier threshold, ...).
         engine_options : SchedulerConfig fields (max_num_seqs, gpu_memory_utilization, ...).
         """
         from decoding import loader
@@ -175,8 +176,9 @@ class Generator:
         device, dtype = resolve_device_dtype(device, dtype)
         if quantize in (None, "none"):
             quantize = None
-        elif not isinstance(quantize, str) or quantize not in quant.MODES:
-            raise InvalidRequest(f"quantize must be one of {quant.MODES} or None, got {quantize!r}")
+        elif not isinstance(quantize, quant.QuantConfig) and (not isinstance(quantize, str)
+                                                              or quantize not in quant.MODES):
+            raise InvalidRequest(f"quantize must be one of {quant.MODES}, a QuantConfig or None, got {quantize!r}")
         if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
                 or tensor_parallel_size < 1:
             raise InvalidRequest(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")

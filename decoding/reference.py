@@ -210,17 +210,27 @@ def column_absmax_ref(x: torch.Tensor) -> torch.Tensor:
     return x.float().abs().amax(0)
 
 
+def _int8_matmul_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [M, K] int8 @ b [N, K]^T int8, exact: int32 on the CPU (torch._int_mm), else float64 (which
+    holds every such sum exactly for K < 2^39)."""
+    if a.device.type == "cpu":
+        try:
+            return torch._int_mm(a, b.t())
+        except (RuntimeError, AttributeError):  # a torch without int8 matmul on the CPU
+            pass
+    return a.double() @ b.double().t()
+
+
 def int8_scaled_mm_ref(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
                        bias: torch.Tensor | None, out_dtype: torch.dtype, x_out: torch.Tensor | None = None,
                        out_idx: torch.Tensor | None = None) -> torch.Tensor:
     """b_scale * (a_scale * (a @ b^T) + x_out @ b[:, out_idx]^T) + bias, as the W8A8 kernels compute it.
 
     a: [M, K] int8 activations with per-row scales a_scale [M]; b: [N, K] int8 weights with per-row
-    scales b_scale [N]. The int8 product is exact (float64 holds every int32 sum of 127 * 127 * K for
-    K < 2^39). x_out [M, KO] (16-bit) and out_idx [KO] are LLM.int8()'s outlier columns: their product
+    scales b_scale [N]. The int8 product is exact (_int8_matmul_exact). x_out [M, KO] (16-bit) and out_idx [KO] are LLM.int8()'s outlier columns: their product
     with the same int8 weight columns is the 16-bit part, in fp32. out_dtype=torch.int32 returns a @ b^T.
     """
-    acc = a.double() @ b.double().t()
+    acc = _int8_matmul_exact(a, b)
     if out_dtype == torch.int32:
         return acc.to(torch.int32)
     y = acc.float() * a_scale[:, None]

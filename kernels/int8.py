@@ -233,15 +233,16 @@ def _outlier_plan_kernel(amax_ptr, idx_ptr, keep_ptr, mask_ptr, K, KO, threshold
     # on the bits finds the smallest cut t >= threshold with at most KO columns above it (the (KO+1)-th
     # largest maximum when more than KO exceed the threshold). Then the columns above t, in column order
     # (a running prefix count), and the 0/1 column mask that keeps them out of the int8 part.
-    lo = threshold_bits
-    hi = 0x7F800000  # +inf: nothing is above it
-    fits = _count_above(amax_ptr, K, lo, BLOCK) <= KO
-    for _ in range(31):
-        mid = lo + (hi - lo) // 2
-        ok = _count_above(amax_ptr, K, mid, BLOCK) <= KO
-        hi = tl.where(ok, mid, hi)
-        lo = tl.where(ok, lo, mid)
-    t_bits = tl.where(fits, threshold_bits, hi)
+    t_bits = threshold_bits
+    if _count_above(amax_ptr, K, threshold_bits, BLOCK) > KO:  # the usual case skips the 31 passes
+        lo = threshold_bits
+        hi = 0x7F800000  # +inf: nothing is above it
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            ok = _count_above(amax_ptr, K, mid, BLOCK) <= KO
+            hi = tl.where(ok, mid, hi)
+            lo = tl.where(ok, lo, mid)
+        t_bits = hi
     count = 0
     for k in range(0, K, BLOCK):
         cols = k + tl.arange(0, BLOCK)

@@ -128,6 +128,16 @@ def test_quantize_at_load_fp16_and_qwen2_bias(tmp_path):
     assert _greedy_agreement(base, q, PROMPTS[:2], 16) >= 0.9
 
 
+def test_group_wise_through_from_pretrained(ckpt, tmp_path):
+    base = Generator.from_pretrained(ckpt, device="cpu", progress=False)
+    q = Generator.from_pretrained(ckpt, device="cpu", progress=False, quantize=quant.QuantConfig("int8", group_size=32))
+    assert q.model.layers[0].mlp.down.scales.shape == (64, 128 // 32)
+    assert _greedy_agreement(base, q, PROMPTS[:2], 16) >= 0.9
+    loaded = Generator.from_pretrained(q.save_quantized(tmp_path / "g32"), device="cpu", progress=False)
+    assert loaded.model.quant.group_size == 32
+    assert torch.equal(loaded.model.layers[1].mlp.down.scales, q.model.layers[1].mlp.down.scales)
+
+
 def test_quantize_model_refuses_twice_and_bad_groups(ckpt):
     gen = Generator.from_pretrained(ckpt, device="cpu", progress=False, quantize="int8")
     with pytest.raises(InvalidRequest, match="already quantized"):

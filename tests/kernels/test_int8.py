@@ -350,3 +350,36 @@ def test_w8a8_linear_gpu(monkeypatch, dtype, n, k):
         for backend in _backends("w8a8_linear", "cuda"):
             out = _run(monkeypatch, "w8a8_linear", backend, x.device, x, q, s, b, threshold, max_outliers)
             _check_close(out, expected, dtype, backend)
+
+
+# ----------------------------------------------------------------------------- opcheck
+def test_opcheck_triton_int8():
+    """Schema, fake kernels, no mutation or aliasing lies, for every Triton int8 op (AOT dispatch on the
+    GPU only: under the interpreter wrap_triton would run the kernel on fake tensors)."""
+    if "triton" not in ops._IMPLS["w8a16_linear"]:
+        pytest.skip(f"triton unavailable: {ops.describe()['triton']['error']}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    if INTERPRETED:
+        tests = tests[:-1]
+    x, q, s, b, _ = _w8a16_case(5, 32, 64, torch.float32, device, bias=True)
+    xq, xs = reference.quantize_per_token_ref(x)
+    col_mask = torch.ones(64, device=device)
+    idx = torch.tensor([3, 9], device=device)
+    cases = [
+        (torch.ops.decoding.w8a16_linear_triton.default, (x, q, s, b)),
+        (torch.ops.decoding.quantize_per_token_triton.default, (x, col_mask)),
+        (torch.ops.decoding.column_absmax_triton.default, (x,)),
+        (torch.ops.decoding.int8_scaled_mm_triton.default, (xq, xs, q, s, b, torch.float32, x[:, :2].contiguous(), idx)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args, test_utils=tests)
+
+
+@gpu
+def test_opcheck_gemv_gpu():
+    if "cuda" not in _backends("w8a16_linear", "cuda"):
+        pytest.skip("no CUDA GEMV in this build")
+    x, q, s, b, _ = _w8a16_case(3, 64, 128, torch.bfloat16, "cuda", bias=True)
+    out = torch.empty(3, 64, dtype=torch.bfloat16, device="cuda")
+    torch.library.opcheck(torch.ops.decoding.w8a16_gemv.default, (out, x, q, s, b))
