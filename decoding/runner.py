@@ -163,6 +163,7 @@ class ModelRunner:
         self.cache = KVCache(self.config, num_blocks, self.block_size, self.device, self.dtype)
         return self.cache
 
+    @torch.inference_mode()  # the pool may have been made under inference mode (e.g. by score())
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy the K/V of block src into block dst, for each (src, dst), in every layer (copy-on-write of
         a forked candidate's partial block; tensor-parallel drivers send the same call to their workers)."""

@@ -119,3 +119,14 @@ def test_info(gen):
     info = gen.info()
     assert info["architecture"] == "llama" and info["device"] == "cpu" and info["dtype"] == "float32"
     assert set(info["op_backends"]) >= {"rms_norm", "paged_attention"}
+
+
+def test_score_first_then_forked_candidates(tmp_path):
+    """A pool first made by score() must still take the copy-on-write of forked candidates' partial block
+    in a later generate() (before the engine, an inference-mode pool refused that in-place copy)."""
+    save_random_checkpoint("llama", tmp_path, seed=5)
+    fresh = Generator.from_pretrained(tmp_path, device="cpu", progress=False)
+    assert len(fresh.score("abc", ["d", "de"])) == 2
+    out = fresh.generate("abc", SamplingParams(n=2, temperature=0.8, seed=1, max_tokens=4, ignore_eos=True))
+    assert len(out.candidates) == 2
+    fresh.close()
