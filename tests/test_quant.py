@@ -120,7 +120,7 @@ def test_generation_agrees_with_unquantized(ckpt, mode):
     assert ((got - ref).norm() / ref.norm()).item() < 0.05
 
 
-def test_quantize_at_load_fp16_and_qwen2_bias(tmp_path):
+def test_quantize_at_load_qwen2_bias(tmp_path):
     save_random_checkpoint("qwen2", tmp_path, seed=1, initializer_range=0.05)  # QKV bias goes into the int8 layer as a 16-bit bias
     base = Generator.from_pretrained(tmp_path, device="cpu", progress=False)
     q = Generator.from_pretrained(tmp_path, device="cpu", progress=False, quantize="int8")
