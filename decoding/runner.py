@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from decoding.cache import AttentionMetadata, KVCache, blocks_for
@@ -37,7 +36,7 @@ class StepInput:
     @property
     def is_decode(self) -> bool:
         """Every sequence adds exactly one token (what the CUDA graphs take)."""
-        return len(self.input_ids) == len(self.seq_lens)
+        return all(q == 1 for q in self.query_lens)
 
     def positions(self) -> list[int]:
         return [p for n, q in zip(self.seq_lens, self.query_lens) for p in range(n - q, n)]
