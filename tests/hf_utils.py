@@ -100,3 +100,11 @@ def decode_logits(model: LlamaModel, cache, blocks: list[int], token: int, pos: 
     with torch.inference_mode():
         h = model(torch.tensor([token], device=dev), torch.tensor([pos], device=dev), (cache.k, cache.v), meta)
         return model.compute_logits(h)[0]
+
+
+def kv_pool(runner, need_blocks: int):
+    """The runner's KV cache with room for need_blocks free blocks: a fresh pool when it has none or too
+    small a one (tests that drive ModelRunner.step directly; the engine is idle between generate calls)."""
+    if runner.cache is None or runner.cache.pool.num_free < need_blocks:
+        runner.allocate_cache(max(need_blocks, 64))
+    return runner.cache

@@ -20,21 +20,15 @@ from decoding import SamplingParams
 from decoding.bench import preset_config, random_generator
 from decoding.config import ModelConfig
 from decoding.runner import ModelRunner, StepInput
+from hf_utils import kv_pool
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
-
-def _cache(runner: ModelRunner, num_tokens: int):
-    """The runner's KV pool (a private one for a bare runner); the engine is idle between generate calls."""
-    if runner.cache is None:
-        runner.allocate_cache(runner.blocks_for(num_tokens) + 8)
-    return runner.cache
 
 
 def _prefill_logits(runner: ModelRunner, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
     """Eager one-pass logits predicting each of `tokens` (fp32 [len(tokens), vocab])."""
     seq = prompt_ids + tokens
-    cache = _cache(runner, len(seq))
+    cache = kv_pool(runner, runner.blocks_for(len(seq)))
     blocks = cache.pool.allocate(runner.blocks_for(len(seq)))
     try:
         hidden = runner.forward_hidden(StepInput([blocks], [len(seq)], seq, [len(seq)]))
@@ -46,7 +40,7 @@ def _prefill_logits(runner: ModelRunner, prompt_ids: list[int], tokens: list[int
 def _fast_logits(runner: ModelRunner, prompt_ids: list[int], tokens: list[int]) -> torch.Tensor:
     """The fast path's logits along `tokens`: prefill, then one graphed decode step per token."""
     n = len(prompt_ids) + len(tokens)
-    cache = _cache(runner, n)
+    cache = kv_pool(runner, runner.blocks_for(n))
     blocks = cache.pool.allocate(runner.blocks_for(n))
     try:
         rows = [runner.step(StepInput([blocks], [len(prompt_ids)], prompt_ids, [len(prompt_ids)])).clone()]

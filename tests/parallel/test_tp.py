@@ -18,7 +18,7 @@ import torch
 
 from decoding import Generator, SamplingParams, parallel
 from decoding.runner import StepInput
-from hf_utils import save_random_checkpoint
+from hf_utils import kv_pool, save_random_checkpoint
 
 ATOL = 1e-6
 # split: Llama, 2 KV heads over 2 ranks, MLP biases (down's is added once), vocabulary 321 (a padding row).
@@ -42,19 +42,12 @@ def pair(request, tmp_path_factory):
     assert [p.returncode for p in procs] == [0], "workers did not shut down cleanly"
 
 
-def _pool(runner, need_blocks):
-    """The runner's KV cache with room for need_blocks (a fresh pool when it has none or too small a one)."""
-    if runner.cache is None or runner.cache.pool.num_free < need_blocks:
-        runner.allocate_cache(max(need_blocks, 64))
-    return runner.cache
-
-
 def test_logits_match_one_process(pair):
     _, one, two = pair
     prompt = [(11 * i + 5) % 250 for i in range(21)]
     runs = []
     for gen in (one, two):
-        cache = _pool(gen.runner, gen.runner.blocks_for(len(prompt) + 33))
+        cache = kv_pool(gen.runner, gen.runner.blocks_for(len(prompt) + 33))
         blocks = cache.pool.allocate(gen.runner.blocks_for(len(prompt) + 33))[::-1]  # not contiguous
         logits = [gen.runner.step(StepInput([blocks], [len(prompt)], prompt, [len(prompt)]))[0]]
         seq = list(prompt)

@@ -14,7 +14,7 @@ import torch
 
 from decoding import DecodingError, Generator, SamplingParams, parallel, workers
 from decoding.runner import StepInput
-from hf_utils import save_random_checkpoint
+from hf_utils import kv_pool, save_random_checkpoint
 
 pytestmark = pytest.mark.gpu
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
@@ -27,19 +27,12 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-def _pool(runner, need_blocks):
-    """The runner's KV cache with room for need_blocks (a fresh pool when it has none or too small a one)."""
-    if runner.cache is None or runner.cache.pool.num_free < need_blocks:
-        runner.allocate_cache(max(need_blocks, 64))
-    return runner.cache
-
-
 def _teacher_forced(gens: list[Generator], prompt: list[int], steps: int = 32) -> list[torch.Tensor]:
     """Logits [steps + 1, vocab] of each Generator over the same tokens (the first one's greedy picks)."""
     runs: list[list[torch.Tensor]] = [[] for _ in gens]
     blocks = []
     for gen in gens:
-        cache = _pool(gen.runner, gen.runner.blocks_for(len(prompt) + steps))
+        cache = kv_pool(gen.runner, gen.runner.blocks_for(len(prompt) + steps))
         blocks.append(cache.pool.allocate(gen.runner.blocks_for(len(prompt) + steps)))
     seq = list(prompt)
     for step in range(steps + 1):
