@@ -108,3 +108,20 @@ def kv_pool(runner, need_blocks: int):
     if runner.cache is None or runner.cache.pool.num_free < need_blocks:
         runner.allocate_cache(max(need_blocks, 64))
     return runner.cache
+
+
+def generate_in_threads(gen, prompts: list[str], params: list) -> list:
+    """gen.generate(prompts[i], params[i]) from one thread per prompt, all at once; Outputs in prompt order."""
+    import threading
+
+    results: dict[int, object] = {}
+
+    def worker(i: int) -> None:
+        results[i] = gen.generate(prompts[i], params[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [results[i] for i in range(len(prompts))]

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from decoding import CacheExhausted, Generator, SamplingParams
-from hf_utils import save_random_checkpoint
+from hf_utils import generate_in_threads, save_random_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +59,7 @@ def alone(base):
 def test_concurrent_threads_mixed_params_equal_alone(base, alone):
     # A small token budget: prompts are prefilled in chunks, mixed into the same steps as other decodes.
     gen = make(base, max_num_batched_tokens=16, max_num_seqs=12)
-    results: dict[int, tuple] = {}
-
-    def worker(i):
-        results[i] = tokens(gen.generate(PROMPTS[i], PARAMS[i]))
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [results[i] for i in range(len(PROMPTS))] == alone
+    assert [tokens(out) for out in generate_in_threads(gen, PROMPTS, PARAMS)] == alone
     m = gen.metrics()
     assert m["requests_finished_total"] == len(PROMPTS) and m["requests_running"] == 0
     assert pool_whole(gen)

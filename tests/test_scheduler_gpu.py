@@ -3,13 +3,12 @@ preemption, KV pool sized from free memory."""
 
 from __future__ import annotations
 
-import threading
 
 import pytest
 import torch
 
 from decoding import Generator, SamplingParams
-from hf_utils import save_random_checkpoint
+from hf_utils import generate_in_threads, save_random_checkpoint
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -59,17 +58,7 @@ def test_concurrent_requests_on_cuda_equal_alone(base, options):
     assert ops.select("sample_tokens", "cuda") == "triton"
     alone = [_tokens(base.generate(p, sp)) for p, sp in zip(PROMPTS, PARAMS)]
     gen = Generator(base.model, base.tokenizer, **options)
-    results = {}
-
-    def worker(i):
-        results[i] = _tokens(gen.generate(PROMPTS[i], PARAMS[i]))
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(PROMPTS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert [results[i] for i in range(len(PROMPTS))] == alone
+    assert [_tokens(out) for out in generate_in_threads(gen, PROMPTS, PARAMS)] == alone
     assert _pool_whole(gen)
     if "num_kv_blocks" in options:
         assert gen.metrics()["preemptions_total"] > 0
