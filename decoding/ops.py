@@ -23,8 +23,6 @@ BACKENDS = ("reference", "triton", "cuda", "cpu")
 _IMPLS: dict[str, dict[str, Callable]] = {
     "rms_norm": {"reference": reference.rms_norm_ref},
     "fused_add_rms_norm_": {"reference": reference.fused_add_rms_norm_ref},
-    "rotary_embedding_": {"reference": reference.rotary_embedding_ref},
-    "reshape_and_cache_": {"reference": reference.reshape_and_cache_ref},
     "paged_attention": {"reference": reference.paged_attention_ref},
     "silu_and_mul": {"reference": reference.silu_and_mul_ref},
     "rope_and_cache_": {"reference": reference.rope_and_cache_ref},
@@ -291,18 +289,6 @@ def fused_add_rms_norm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.T
     _call("fused_add_rms_norm_", x.device)(x, residual, weight, eps)
 
 
-def rotary_embedding_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
-    """In place RoPE on q [num_tokens, num_heads, head_dim] and k [num_tokens, num_kv_heads, head_dim]."""
-    _call("rotary_embedding_", q.device)(positions, q, k, cos_sin_cache)
-
-
-def reshape_and_cache_(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Write k, v [num_tokens, num_kv_heads, head_dim] into the paged caches at slot_mapping."""
-    _call("reshape_and_cache_", k.device)(k, v, k_cache, v_cache, slot_mapping)
-
-
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -336,7 +322,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def rope_and_cache_(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
-    """rotary_embedding_(positions, q, k, cos_sin_cache) then reshape_and_cache_(k, v, ...), fused."""
+    """In place RoPE on q and k, then k and v written to the paged caches at slot_mapping (see
+    reference.rope_and_cache_ref: rotary_embedding_ref then reshape_and_cache_ref), in one op."""
     _call("rope_and_cache_", q.device)(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
 
 
