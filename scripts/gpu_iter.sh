@@ -10,7 +10,7 @@ echo "build rc=$? in $(( $(date +%s) - start )) s" | tee "$OUT/summary.txt"
 grep -E "error|warning: .*gemv|ptxas" "$OUT/build.log" | head -20 | tee -a "$OUT/summary.txt"
 tests=$1; shift
 if [ -n "$tests" ]; then
-    timeout 400 python3 -m pytest $tests -q -rs -x -s -p no:cacheprovider > "$OUT/tests.log" 2>&1
+    timeout ${TEST_TIMEOUT:-400} python3 -m pytest $tests -q -rs --maxfail=5 -s -p no:cacheprovider > "$OUT/tests.log" 2>&1
     echo "tests rc=$?: $(tail -1 "$OUT/tests.log")" | tee -a "$OUT/summary.txt"
 fi
 [ "${1:-}" = "--" ] && shift
