@@ -4,12 +4,21 @@ Callers (any thread, or an asyncio loop) submit Requests and read their events f
 the engine thread admits them at the next step (decoding/scheduler.py), runs the step, samples, and
 posts text pieces and completion. The thread is a daemon, started on the first submission and ended
 after a short idle time, at `close()` or at interpreter exit, so it never keeps a process alive.
+
+Steps overlap the host's work: the engine launches step t+1 before it reads step t's tokens. Step t's
+tokens stay on the device (ModelRunner.record_tokens) and step t+1 takes them from there
+(StepInput.prev_rows); their host copy is read afterwards, while the GPU runs step t+1, and only then are
+they appended, checked for stops and streamed. A sequence that step t finished has drawn one more token
+in step t+1, which is dropped. DECODING_OVERLAP=0 turns this off (each step's tokens are read before the
+next step is scheduled).
 """
 
 from __future__ import annotations
 
 import atexit
+import gc
 import itertools
+import os
 import threading
 import time
 import weakref
@@ -62,6 +71,34 @@ class Request:
                 pass
 
 
+class _Drawn:
+    """A step's tokens on their way to the host: which sequence drew each row, the host copies (async on
+    CUDA, complete once `ready` has passed)."""
+
+    def __init__(self, owners: list[Sequence], result, device: torch.device) -> None:
+        self.owners = owners
+        n = len(owners)
+        parts = (result.tokens, result.logprobs, result.top_ids, result.top_logprobs)
+        if device.type == "cuda":
+            # non_blocking to the CPU lands in pinned memory; `ready` says when it has
+            self.tokens, self.logprobs, self.top_ids, self.top_logprobs = (
+                None if t is None else t[:n].to("cpu", non_blocking=True) for t in parts)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.tokens, self.logprobs, self.top_ids, self.top_logprobs = (
+                None if t is None else t[:n].clone() for t in parts)
+            self.ready = None
+
+    def wait(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+
+
+def overlap_enabled() -> bool:
+    return os.environ.get("DECODING_OVERLAP", "1") != "0"
+
+
 class Engine:
     """Continuous batching over a ModelRunner (see the module docstring)."""
 
@@ -79,6 +116,9 @@ class Engine:
         self._live: dict[int, Request] = {}  # engine thread only
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._drawn: _Drawn | None = None  # the last step's tokens, not yet read (engine thread only)
+        self.overlap = (overlap_enabled() and runner.takes_device_tokens
+                        and bucket(config.max_num_seqs) <= runner.prev_capacity)
         _ENGINES.add(self)
 
     # ------------------------------------------------------------------ any thread
@@ -202,6 +242,7 @@ class Engine:
         runner, cfg, dev = self.runner, self.config, self.runner.device
         tokens = cfg.max_num_batched_tokens
         torch.cuda.synchronize(dev)
+        gc.collect()  # a Generator dropped without close() (a reference cycle) still holds its KV pool
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
@@ -224,12 +265,14 @@ class Engine:
             raise CacheExhausted(
                 f"no GPU memory left for the KV cache: {total / 2**30:.1f} GiB x gpu_memory_utilization "
                 f"{cfg.gpu_memory_utilization} minus {(total - free) / 2**30:.1f} GiB in use, {peak / 2**30:.2f} GiB "
-                f"for a {tokens}-token step and {sampler / 2**30:.2f} GiB for the sampler")
+                f"for a {tokens}-token step and {sampler / 2**30:.2f} GiB for the sampler; close other "
+                f"Generators of this process, or pass num_kv_blocks or a higher gpu_memory_utilization")
         return int(budget // per_block)
 
     # ------------------------------------------------------------------ the engine thread
     def _pending(self) -> bool:  # with self._cond held
-        return bool(self._inbox or self._cancels or self._jobs or self._closed or self.scheduler.has_work)
+        return bool(self._inbox or self._cancels or self._jobs or self._closed or self.scheduler.has_work
+                    or self._drawn is not None)
 
     def _take_pending(self) -> tuple:  # with self._cond held
         taken = (self._inbox, self._cancels, self._jobs, self._closed)
@@ -245,9 +288,12 @@ class Engine:
                     self.scheduler.add(req.seqs[0])
                 for req in cancels:
                     self._abort(req, "cancelled")
+                if jobs:
+                    self._read_drawn()  # jobs see every sequence with all its tokens
                 for fn, fut in jobs:
                     self._run_job(fn, fut)
                 if closed:
+                    self._drawn = None
                     for req in list(self._live.values()):
                         self._abort(req, "cancelled")
                     with self._cond:
@@ -258,9 +304,19 @@ class Engine:
                     return True
                 if self.scheduler.has_work:
                     self._step()
+                else:
+                    self._read_drawn()
         except Exception as e:  # a bug or a device error: fail what is live, keep serving
-            for req in list(self._live.values()):
-                self._abort(req, "error", e)
+            self._drawn = None
+            with torch.inference_mode():  # the sampler's tables are inference tensors
+                for req in list(self._live.values()):
+                    try:
+                        self._abort(req, "error", e)
+                    except Exception:  # the request must still end, whatever state the engine is in
+                        req.error = req.error or e
+                        req.finished = True
+                        self._live.pop(req.id, None)
+                        req.post(("done", None))
         return False
 
     def _run_job(self, fn: Callable, fut: Future) -> None:
@@ -285,16 +341,16 @@ class Engine:
         self._drop_rows(out.preempted)
         items = out.scheduled
         if not items:
-            if not out.preempted:  # would spin: a scheduler bug, failed loudly by the loop rather than hung
+            if self._drawn is not None:  # the sequences left wait for the tokens drawn last step
+                self._read_drawn()
+            elif not out.preempted:  # would spin: a scheduler bug, failed loudly by the loop rather than hung
                 raise RuntimeError("the scheduler made no progress")
             return
         try:
-            inp = StepInput([it.seq.blocks for it in items], [it.seq.num_computed + it.num_tokens for it in items],
-                            [t for it in items for t in it.seq.token_slice(it.seq.num_computed,
-                                                                            it.seq.num_computed + it.num_tokens)],
-                            [it.num_tokens for it in items])
+            inp = self._step_input(items)
             logits = self.runner.step(inp)
         except Exception as e:
+            self._read_drawn()
             for req in {id(it.seq.request): it.seq.request for it in items}.values():
                 self._abort(req, "error", e)
             return
@@ -310,29 +366,76 @@ class Engine:
         joined = sched.step_done(out)
         state.add_rows([(s.params, s.temperature, s.seed, s.prompt_ids, s.output_ids, s, len(s.request.seqs) > 1)
                         for s in joined])
-        if not state.num_rows:
-            return
-        rows = [row_of[id(s)] for s in state.owners]
-        if state.width == len(rows) == logits.shape[0] and rows == list(range(len(rows))):
-            selected = logits
-        else:
-            rows += [rows[0]] * (state.width - len(rows))  # padding rows: sampled, then ignored
-            selected = logits.index_select(0, torch.tensor(rows).to(logits.device, non_blocking=True))
-        self._accept(sample(selected, state))
+        drawn = None
+        if state.num_rows:
+            # A row whose sequence is not in this step (its last token is drawn and pending) draws from
+            # another row's logits; it is left out of `owners`, so that token is ignored, and its sampler
+            # state does not matter: the sequence finishes when its pending token is read.
+            rows = [row_of.get(id(s), -1) for s in state.owners]
+            owners = [s if r >= 0 else None for s, r in zip(state.owners, rows)]
+            fill = next((r for r in rows if r >= 0), None)
+            if fill is not None:
+                rows = [r if r >= 0 else fill for r in rows]
+                if state.width == len(rows) == logits.shape[0] and rows == list(range(len(rows))):
+                    selected = logits
+                else:
+                    rows += [rows[0]] * (state.width - len(rows))  # padding rows: sampled, then ignored
+                    selected = logits.index_select(0, torch.tensor(rows).to(logits.device, non_blocking=True))
+                result = sample(selected, state)
+                if self.overlap:
+                    self.runner.record_tokens(result.tokens)
+                drawn = _Drawn(owners, result, self.runner.device)
+                for seq in owners:
+                    if seq is not None:
+                        seq.pending += 1
+        self._read_drawn()  # the previous step's tokens: read while the GPU runs this step
+        self._drawn = drawn
+        if not self.overlap:
+            self._read_drawn()
 
-    def _accept(self, result) -> None:
-        """Hand each sampling sequence its token (one host sync for the batch), retire finished ones."""
+    def _step_input(self, items: list) -> StepInput:
+        """The step's StepInput; a pending token (drawn last step, not read yet) comes from the device."""
+        ids, prev_rows = [], None
+        for it in items:
+            seq = it.seq
+            ids.extend(seq.token_slice(seq.num_computed, seq.num_computed + it.num_tokens))
+            if ids[-1] < 0:  # only a decoding sequence's last token can be pending
+                if prev_rows is None:
+                    prev_rows = [-1] * (len(ids) - 1)
+                    row_of = {id(s): i for i, s in enumerate(self._drawn.owners) if s is not None}
+                prev_rows.append(row_of[id(seq)])
+                ids[-1] = 0
+            elif prev_rows is not None:
+                prev_rows.extend([-1] * it.num_tokens)
+        return StepInput([it.seq.blocks for it in items], [it.seq.num_computed + it.num_tokens for it in items],
+                         ids, [it.num_tokens for it in items], prev_rows)
+
+    def _read_drawn(self) -> None:
+        """Read the last step's tokens (waits for their copy) and hand them to their sequences."""
+        drawn, self._drawn = self._drawn, None
+        if drawn is not None:
+            drawn.wait()
+            self._accept(drawn)
+
+    def _accept(self, drawn: _Drawn) -> None:
+        """Hand each sequence its token, retire finished ones. Rows of sequences that have finished (or
+        were preempted: their token is drawn again after the recompute) since the draw are skipped."""
         state = self.sampler
-        owners = list(state.owners)
+        owners = drawn.owners
         n = len(owners)
-        tokens = result.tokens[:n].tolist()
-        chosen = result.logprobs[:n].tolist() if result.logprobs is not None else [None] * n
+        tokens = drawn.tokens.tolist()
+        chosen = drawn.logprobs.tolist() if drawn.logprobs is not None else [None] * n
         tops = [None] * n
-        if result.top_ids is not None:
-            tops = [list(zip(i, lp)) for i, lp in zip(result.top_ids[:n].tolist(), result.top_logprobs[:n].tolist())]
+        if drawn.top_ids is not None:
+            tops = [list(zip(i, lp)) for i, lp in zip(drawn.top_ids.tolist(), drawn.top_logprobs.tolist())]
         now = time.perf_counter()
-        done_rows, done = [], []
-        for row, (seq, token, lp, top) in enumerate(zip(owners, tokens, chosen, tops)):
+        done = []
+        live = 0
+        for seq, token, lp, top in zip(owners, tokens, chosen, tops):
+            if seq is None or seq.pending == 0 or seq.finish_reason is not None:
+                continue
+            seq.pending -= 1
+            live += 1
             if token < 0:
                 seq.fail(f"the model produced NaN or infinite logits at generated token {len(seq.output_ids)}")
             else:
@@ -348,11 +451,11 @@ class Engine:
                 if delta:
                     req.post(("delta", delta))
             if seq.finish_reason is not None:
-                done_rows.append(row)
                 done.append(seq)
-        self.metrics.record_step(now, n)
+        self.metrics.record_step(now, live)
         if done:
-            state.remove(done_rows)
+            gone = {id(s) for s in done}
+            state.remove([i for i, o in enumerate(state.owners) if id(o) in gone])
             self.scheduler.finish(done)
             for seq in done:
                 seq.request.unfinished -= 1

@@ -28,6 +28,9 @@ class StepInput:
     seq_lens: list[int]
     input_ids: list[int]
     query_lens: list[int]
+    # Per input token: -1 (input_ids holds it), or the row of the runner's last recorded tokens
+    # (ModelRunner.record_tokens) that holds it, a token the host has not read yet.
+    prev_rows: list[int] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -43,6 +46,7 @@ class StepInput:
 
 
 GRAPH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_HEADER = 5  # rows of a decode graph's header: ids, positions, slots, seq_lens, id sources
 
 
 def graphs_enabled(device: torch.device) -> bool:
@@ -70,10 +74,10 @@ class _DecodeGraphs:
         self.width = runner.blocks_for(self.max_seq_len)
         self.max_batch = GRAPH_BUCKETS[-1]
         n, w = self.max_batch, self.width
-        self.hosts = [torch.zeros(4 * n + n * w, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self.hosts = [torch.zeros(_HEADER * n + n * w, dtype=torch.int32, pin_memory=True) for _ in range(2)]
         self.events = [torch.cuda.Event() for _ in self.hosts]
         self.turn = 0
-        self.dev_staging = torch.zeros(4 * n + n * w, dtype=torch.int32, device=runner.device)
+        self.dev_staging = torch.zeros(_HEADER * n + n * w, dtype=torch.int32, device=runner.device)
         self.dev_tables = torch.zeros(n, w, dtype=torch.int32, device=runner.device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
@@ -83,22 +87,24 @@ class _DecodeGraphs:
 
     @staticmethod
     def _header(buf, bucket: int):
-        """ids, positions, slots, seq_lens: views of a header laid out for `bucket` rows."""
-        return tuple(buf[i * bucket: (i + 1) * bucket] for i in range(4))
+        """ids, positions, slots, seq_lens, sources: views of a header laid out for `bucket` rows."""
+        return tuple(buf[i * bucket: (i + 1) * bucket] for i in range(_HEADER))
 
     def _forward(self, bucket: int) -> torch.Tensor:
         """The captured work: read the step from the device buffers, run the model, compute logits."""
         runner = self.runner
-        ids, pos, slots, lens = self._header(self.dev_staging, bucket)
+        ids, pos, slots, lens, src = self._header(self.dev_staging, bucket)
+        ids = runner.resolve_ids(ids, src)
         starts = torch.arange(bucket + 1, dtype=torch.int32, device=runner.device)
         meta = AttentionMetadata(slots.long(), self.dev_tables[:bucket], lens, starts, self.max_seq_len)
-        hidden = runner.model(ids.long(), pos.long(), (self.cache.k, self.cache.v), meta)
+        hidden = runner.model(ids, pos.long(), (self.cache.k, self.cache.v), meta)
         return runner.model.compute_logits(hidden)
 
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         device = self.runner.device
-        ids, pos, slots, lens = self._header(self.dev_staging, bucket)
+        ids, pos, slots, lens, src = self._header(self.dev_staging, bucket)
         ids.zero_(), pos.zero_(), slots.fill_(-1), lens.zero_()  # all padding: the warm-up writes nothing
+        src.copy_(torch.arange(bucket, device=device) + self.runner.prev_capacity)
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
@@ -119,10 +125,10 @@ class _DecodeGraphs:
         self.events[k].synchronize()  # the copy out of this staging buffer (two steps ago) has run
         host = self.hosts[k]
         host_np = host.numpy()
-        ids, pos, slots, lens = self._header(host_np, bucket)
+        ids, pos, slots, lens, src = self._header(host_np, bucket)
         bs = self.runner.block_size
         cols = -(-max(inp.seq_lens) // bs)  # block-table columns in use
-        base = 4 * bucket
+        base = _HEADER * bucket
         tables = host_np[base: base + b * cols].reshape(b, cols)  # packed [b, cols] after the header
         for i, (table, n) in enumerate(zip(inp.block_tables, inp.seq_lens)):
             used = -(-n // bs)
@@ -132,6 +138,7 @@ class _DecodeGraphs:
         lens[:b] = inp.seq_lens
         pos[:b] = lens[:b] - 1
         ids[b:], pos[b:], slots[b:], lens[b:] = 0, 0, -1, 0
+        src[:] = self.runner.id_sources(inp.prev_rows, bucket)
         # one contiguous copy from pinned memory, then the tables spread into their rows on the device
         self.dev_staging[: base + b * cols].copy_(host[: base + b * cols], non_blocking=True)
         self.events[k].record()
@@ -152,9 +159,32 @@ class ModelRunner:
         self.cache: KVCache | None = None
         self.cuda_graphs = graphs_enabled(self.device) if cuda_graphs is None else cuda_graphs
         self._graphs: _DecodeGraphs | None = None
+        # The tokens of the last step, as the engine recorded them (record_tokens), for a step launched
+        # before the host has read them (StepInput.prev_rows); a fixed buffer, so graphs can read it.
+        self.prev_capacity = 1024
+        self.prev_tokens = torch.zeros(self.prev_capacity, dtype=torch.int64, device=self.device)
 
     def blocks_for(self, num_tokens: int) -> int:
         return blocks_for(num_tokens, self.block_size)
+
+    # Whether steps may take tokens from the device (StepInput.prev_rows): not across processes.
+    takes_device_tokens = True
+
+    def record_tokens(self, tokens: torch.Tensor) -> None:
+        """Keep the tokens just drawn on the device, [n] ints, for the next step's prev_rows (stream-ordered)."""
+        self.prev_tokens[: tokens.shape[0]].copy_(tokens)
+
+    def id_sources(self, prev_rows: list[int] | None, n: int) -> list[int]:
+        """Per input token, where resolve_ids finds it: prev_tokens[r], or entry prev_capacity + i (the
+        i-th host id) for the ones input_ids holds; n entries (padding rows: their host ids)."""
+        cap = self.prev_capacity
+        if prev_rows is None:
+            return list(range(cap, cap + n))
+        return [r if r >= 0 else cap + i for i, r in enumerate(prev_rows)] + list(range(cap + len(prev_rows), cap + n))
+
+    def resolve_ids(self, ids: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+        """Token ids [n] int64 from the host's ids and the sources id_sources gave (device ops only)."""
+        return torch.cat([self.prev_tokens, ids.long()]).index_select(0, sources.long())
 
     def allocate_cache(self, num_blocks: int) -> KVCache:
         """Allocate the KV cache pool once (the scheduler sizes it); later steps read and write it."""
@@ -180,6 +210,9 @@ class ModelRunner:
         meta = AttentionMetadata.build(inp.block_tables, inp.seq_lens, inp.query_lens, self.block_size,
                                        self.device)
         ids = torch.tensor(inp.input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        if inp.prev_rows is not None:
+            src = torch.tensor(self.id_sources(inp.prev_rows, len(inp.input_ids))).to(self.device, non_blocking=True)
+            ids = self.resolve_ids(ids, src)
         pos = torch.tensor(inp.positions(), dtype=torch.int64).to(self.device, non_blocking=True)
         return self.model(ids, pos, (self.cache.k, self.cache.v), meta)
 

@@ -123,6 +123,8 @@ class Scheduler:
         for seq in [s for s in self.running if s.decoding]:  # 1. decodes, oldest first
             if not seq.running:  # preempted for an older one this step
                 continue
+            if seq.num_computed >= seq.num_tokens or len(seq.output_ids) + seq.pending >= seq.budget:
+                continue  # its last token is drawn, not yet read: it finishes when the engine reads it
             if seq.num_computed >= len(seq.blocks) * bs:  # its next token starts a new block
                 while self.pool.num_free == 0:
                     victim = self._newest_unscheduled()
@@ -255,6 +257,7 @@ class Scheduler:
         seq.running = False
         self.pool.free(seq.blocks)
         seq.blocks, seq.chain, seq.num_computed = [], [], 0
+        seq.pending = 0  # a token drawn but not read is dropped: the recompute draws it again
         if seq.decoding:
             out.preempted.append(seq)
             seq.decoding = False
@@ -271,7 +274,7 @@ class Scheduler:
             if not seq.decoding:
                 self.prefill_tokens += item.num_tokens
             seq.num_computed += item.num_tokens
-            if seq.num_computed // self.block_size > len(seq.chain):
+            if min(seq.num_computed, seq.num_known) // self.block_size > len(seq.chain):
                 self._register(seq)
             if not seq.decoding and seq.num_computed == seq.num_tokens:
                 seq.decoding = True
@@ -289,7 +292,7 @@ class Scheduler:
         if not self.config.enable_prefix_caching:
             return
         bs = self.block_size
-        for i in range(len(seq.chain), seq.num_computed // bs):
+        for i in range(len(seq.chain), min(seq.num_computed, seq.num_known) // bs):  # blocks of known tokens
             parent = seq.chain[-1] if seq.chain else 0
             seq.chain.append(self.pool.register(seq.blocks[i], parent, tuple(seq.token_slice(i * bs, (i + 1) * bs))))
 
@@ -301,7 +304,7 @@ class Scheduler:
             self.waiting = deque(s for s in self.waiting if id(s) not in gone)
         for seq in seqs:
             self.pool.free(seq.blocks)
-            seq.blocks, seq.decoding, seq.running = [], False, False
+            seq.blocks, seq.decoding, seq.running, seq.pending = [], False, False, 0
             for fork in seq.forks:  # candidates that never forked hold nothing
                 fork.blocks = []
             seq.forks = []

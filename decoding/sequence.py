@@ -72,6 +72,9 @@ class Sequence:
         self.seed = seed if seed is not None else random.getrandbits(62)
         self.budget = budget  # tokens it may generate (max_tokens, clipped to the context window)
         self.output_ids: list[int] = []
+        # Tokens drawn on the device whose values the host has not read yet (the engine launches the next
+        # step before it reads this one's tokens): they count in num_tokens, token_slice gives -1 for them.
+        self.pending = 0
         self.blocks: list[int] = []  # KV blocks, enough for num_computed tokens (and this step's)
         self.num_computed = 0  # leading tokens of prompt + output whose KV is in the cache
         self.chain: list[int] = []  # prefix-cache entry ids of its leading full blocks
@@ -99,16 +102,27 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
+        """Prompt, output and pending tokens."""
+        return len(self.prompt_ids) + len(self.output_ids) + self.pending
+
+    @property
+    def num_known(self) -> int:
+        """Prompt and output tokens whose values the host has."""
         return len(self.prompt_ids) + len(self.output_ids)
 
     def token_slice(self, start: int, stop: int) -> list[int]:
-        """Tokens start..stop-1 of prompt + output."""
+        """Tokens start..stop-1 of prompt + output, -1 for the pending ones."""
         n = len(self.prompt_ids)
+        known = n + len(self.output_ids)
+        tail = [-1] * (stop - max(start, known)) if stop > known else []
+        stop = min(stop, known)
         if stop <= n:
-            return self.prompt_ids[start:stop]
-        if start >= n:
-            return self.output_ids[start - n:stop - n]
-        return self.prompt_ids[start:] + self.output_ids[:stop - n]
+            head = self.prompt_ids[start:stop]
+        elif start >= n:
+            head = self.output_ids[start - n:stop - n]
+        else:
+            head = self.prompt_ids[start:] + self.output_ids[:stop - n]
+        return head + tail
 
     def fail(self, message: str) -> None:
         self.finish_reason, self.error = "error", message

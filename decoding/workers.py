@@ -213,6 +213,8 @@ class _Group:
 class TPDriverRunner(ModelRunner):
     """Rank 0's ModelRunner: each public call is sent to every worker, then run here."""
 
+    takes_device_tokens = False  # the workers' steps get their token ids from the driver's host lists
+
     def __init__(self, model: LlamaModel, block_size: int, group: _Group) -> None:
         super().__init__(model, block_size)
         self.tp: TensorParallel = model.tp

@@ -180,14 +180,33 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
                       sliding_window: int | None = None) -> torch.Tensor:
     """Causal attention of several new tokens per sequence through torch's SDPA, K/V gathered from the
-    paged cache (host loop over sequences: a prefill step syncs once for the lengths)."""
+    paged cache (host loop over sequences: a prefill step syncs once for the lengths).
+
+    In a mixed step (continuous batching: decodes next to prefill chunks), the rows with one new token
+    go through the split-K decode kernel in one launch: a loop of SDPA calls over hundreds of decoding
+    sequences took most of such a step."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    single = [b for b in range(len(lens)) if starts[b + 1] - starts[b] == 1]
+    if len(single) > 1 and q.stride(-1) == 1:
+        bound = max(lens[b] for b in single)
+        if single[-1] == len(single) - 1:  # the scheduler puts decodes first: rows 0..d-1 are tokens 0..d-1
+            d = len(single)
+            out[:d] = paged_decode_attention(q[:d], k_cache, v_cache, block_tables[:d], seq_lens[:d], scale,
+                                             sliding_window, bound)
+        else:
+            rows = torch.tensor(single, device=q.device)
+            toks = torch.tensor([starts[b] for b in single], device=q.device)
+            out[toks] = paged_decode_attention(q[toks], k_cache, v_cache, block_tables[rows], seq_lens[rows],
+                                               scale, sliding_window, bound)
+        done = set(single)
+    else:
+        done = set()
     for b, seq_len in enumerate(lens):
         n_q = starts[b + 1] - starts[b]
-        if n_q == 0:
+        if n_q == 0 or b in done:
             continue
         blocks = block_tables[b, : triton.cdiv(seq_len, block_size)].long()
         kb = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)  # [H_kv, L, D]

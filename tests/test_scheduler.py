@@ -71,6 +71,26 @@ def test_one_call_with_per_prompt_params_equals_alone(base, alone):
     assert pool_whole(gen)
 
 
+@pytest.mark.parametrize("pool", [None, 8], ids=["ample", "preempting"])
+def test_overlapped_steps_give_the_tokens_of_synchronous_ones(base, pool):
+    """The engine launches step t+1 before it reads step t's tokens (they reach the next step on the
+    device). Same outputs as reading every step's tokens first, including sequences that stop on a token
+    while their next token is already drawn (it is dropped), and under preemption of such sequences."""
+    stops = [p.replace(max_tokens=30, stop_token_ids=[22, 293, 268, 69]) for p in PARAMS]
+    params = stops + [p.replace(max_tokens=30) for p in PARAMS]
+    prompts = PROMPTS + PROMPTS
+    runs = []
+    for overlap in (False, True):
+        gen = make(base, num_kv_blocks=pool, max_num_batched_tokens=32)
+        gen.engine.overlap = overlap
+        runs.append([tokens(o) for o in generate_in_threads(gen, prompts, params)])
+        assert pool_whole(gen)
+        if pool:
+            assert gen.metrics()["preemptions_total"] > 0
+    assert runs[0] == runs[1]
+    assert sum(r[1] == "stop" for r in runs[1]) >= 3  # the stop-token path was taken
+
+
 def test_preemption_under_a_tiny_pool_keeps_every_token(base):
     # 8 blocks of 16 tokens; each request ends up needing 3-4 blocks, and all are admitted while their
     # prompts fit, so growing sequences preempt the newest ones, which are recomputed (prompt + output so

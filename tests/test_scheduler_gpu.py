@@ -29,7 +29,8 @@ def base(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama_gpu_sched")
     save_random_checkpoint("llama", path, seed=6, vocab_size=32000, hidden_size=256, num_attention_heads=4,
                            num_key_value_heads=2, intermediate_size=512)
-    return Generator.from_pretrained(path, device="cuda", dtype="float32", progress=False)
+    with Generator.from_pretrained(path, device="cuda", dtype="float32", progress=False) as g:
+        yield g  # closed after the module: its KV pool claims most of the GPU
 
 
 def _tokens(out):

@@ -92,3 +92,18 @@ def test_prefill_sdpa_matches_reference(window):
     want = paged_attention_ref(q, k, v, tables, lens, starts, 0.2, window)
     got = attention.paged_attention(q, k, v, tables, lens, starts, 0.2, window)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["decodes-first", "interleaved"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_mixed_step_decode_rows_match_reference(order, window):
+    """A continuous-batching step: one-token rows (decodes, through the split-K kernel in one launch)
+    next to prefill chunks (SDPA), either as the scheduler orders them (decodes first) or interleaved."""
+    q_lens = {"decodes-first": [1, 1, 1, 9, 5], "interleaved": [1, 9, 1, 5, 1]}[order]
+    seq_lens = {"decodes-first": [20, 3, 40, 9, 12], "interleaved": [20, 9, 3, 12, 40]}[order]
+    q, k, v, tables, lens = _setup(4, 2, 32, seq_lens, torch.float32)
+    q = torch.randn(sum(q_lens), 4, 32, device=DEVICE)
+    starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    want = paged_attention_ref(q, k, v, tables, lens, starts, 0.2, window)
+    got = attention.paged_attention(q, k, v, tables, lens, starts, 0.2, window)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
