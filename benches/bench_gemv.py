@@ -17,6 +17,8 @@ replay time per call (benches/int8_timing.py), for the 1B and 8B projections at 
   nopdl  the default choice with DECODING_PDL=0: consecutive calls in the graph no longer overlap, as
          cuBLAS's do not (the decode step's kernels trigger their dependents early, so it runs with PDL)
   cuBLAS F.linear (and silu_and_mul for gate_up)
+  t64, t128, t256 (with --sweep) DECODING_GEMV_SPLIT=64|128|256: the split kernel on every shape with
+         that many threads a block, to tune the choice in csrc/cuda/gemv.cu (pick_split_threads)
 Both switches are read once per process, so each GEMV setting runs in a subprocess of this script; the
 copy bandwidth and cuBLAS are measured in the parent, in the same run.
 """
@@ -102,6 +104,8 @@ GRAPH_RUNS = {
     "force": {"DECODING_GEMV_SPLIT": "force", "DECODING_PDL": None},
     "nopdl": {"DECODING_GEMV_SPLIT": None, "DECODING_PDL": "0"},
 }
+# --sweep: the split kernel everywhere with a fixed block size, to tune pick_split_threads.
+SWEEP_RUNS = {f"t{n}": {"DECODING_GEMV_SPLIT": str(n), "DECODING_PDL": None} for n in (64, 128, 256)}
 
 
 def _graph_kind(name: str, ours: bool) -> str:
@@ -154,16 +158,17 @@ def _speedup(t: dict[str, float], a: str, b: str) -> str:
     return f"{t[b] / t[a]:.2f}x" if a in t and b in t else "-"
 
 
-def graph_main() -> None:
+def graph_main(sweep: bool = False) -> None:
     from decoding.bench import copy_bandwidth_gbps
 
     copy = copy_bandwidth_gbps("cuda")
     runs = {"cuBLAS": graph_times(ours=False)}
     torch.cuda.empty_cache()
-    for label, changes in GRAPH_RUNS.items():
+    children = {**GRAPH_RUNS, **(SWEEP_RUNS if sweep else {})}
+    for label, changes in children.items():
         runs[label] = _run_child(changes)
     runs = {label: r for label, r in runs.items() if r is not None}
-    labels = [label for label in [*GRAPH_RUNS, "cuBLAS"] if label in runs]
+    labels = [label for label in [*children, "cuBLAS"] if label in runs]
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy:.0f} GB/s (same run). Per call in a CUDA graph, "
           f"weights rotated over >= 512 MB: us, weight GB/s. kernel: what `new` ran (split-K or row-parallel).")
     head = "".join(f"{label:>14}" for label in labels)
@@ -202,11 +207,13 @@ def main() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--graph", action="store_true", help="kernel times in CUDA graphs: new/old/force/nopdl/cuBLAS")
+    parser.add_argument("--sweep", action="store_true", help="with --graph: also the split kernel at 64/128/256 "
+                        "threads a block on every shape (DECODING_GEMV_SPLIT=64|128|256)")
     parser.add_argument("--graph-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.graph_child:
         print(json.dumps(graph_times(ours=True)))
     elif args.graph:
-        graph_main()
+        graph_main(args.sweep)
     else:
         main()

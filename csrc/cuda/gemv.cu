@@ -17,7 +17,8 @@
 // t, t + threads, ...), so 4-8x more warps share the same bytes in flight, and reduces the partial sums
 // through shared memory in a fixed order (deterministic, no atomics, one kernel). The host picks it
 // when the row-parallel grid is short of warps (pick_split_threads); DECODING_GEMV_SPLIT=0 turns it
-// off, DECODING_GEMV_SPLIT=force takes it wherever it can launch (A/B runs; both read once).
+// off, DECODING_GEMV_SPLIT=force takes it wherever it can launch, =64|128|256 with that block size
+// (A/B runs and tuning: benches/bench_gemv.py --graph [--sweep]; read once).
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -287,17 +288,24 @@ void check_gemv_args(const at::Tensor& out, const at::Tensor& x, const at::Tenso
 
 enum class SplitMode { kOff, kAuto, kForce };
 
+struct SplitSetting {
+  SplitMode mode;
+  int threads;  // > 0: every launch takes the split kernel with this many threads a block (tuning)
+};
+
 // DECODING_GEMV_SPLIT=0: the row-parallel kernel only; =force: the split kernel wherever it can launch;
-// otherwise pick_split_threads decides. Read once, as DECODING_PDL (pdl.h).
-SplitMode split_mode() {
-  static const SplitMode mode = [] {
+// =64|128|256: the split kernel everywhere with that block size; otherwise pick_split_threads decides.
+// Read once, as DECODING_PDL (pdl.h).
+SplitSetting split_setting() {
+  static const SplitSetting setting = [] {
     const char* env = std::getenv("DECODING_GEMV_SPLIT");
     const std::string value = env != nullptr ? env : "";
-    if (value == "0") return SplitMode::kOff;
-    if (value == "force") return SplitMode::kForce;
-    return SplitMode::kAuto;
+    if (value == "0") return SplitSetting{SplitMode::kOff, 0};
+    if (value == "force") return SplitSetting{SplitMode::kForce, 0};
+    if (value == "64" || value == "128" || value == "256") return SplitSetting{SplitMode::kForce, std::stoi(value)};
+    return SplitSetting{SplitMode::kAuto, 0};
   }();
-  return mode;
+  return setting;
 }
 
 // Blocks of `threads` (64, 128 or 256) threads of this split-kernel instance that one SM holds at once
@@ -326,8 +334,9 @@ constexpr int kSplitBelowWarpsPerSm = 12;
 // for qkv at M = 2: 23-46 warps per SM, each thread with four 16-byte loads in flight: 47-95 KB per SM.
 template <typename T, int M, int R, int U, bool GLU>
 int pick_split_threads(int n_out, int K) {
-  const SplitMode mode = split_mode();
+  const auto [mode, forced_threads] = split_setting();
   if (mode == SplitMode::kOff) return 0;
+  if (forced_threads > 0) return forced_threads;
   int device = 0, sm_count = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));

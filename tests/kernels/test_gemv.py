@@ -126,10 +126,10 @@ print(json.dumps(report))
 
 @pytest.mark.gpu
 @needs_ext
-@pytest.mark.parametrize("mode", ["default", "0", "force"])
+@pytest.mark.parametrize("mode", ["default", "0", "force", "256"])
 def test_gemv_split_switch(mode):
-    """Default: the split kernel for the small matrices only; DECODING_GEMV_SPLIT=0: never; =force:
-    wherever it launches (also for K = 8 and 16, where most of a block's threads have no chunk)."""
+    """Default: the split kernel for the small matrices only; DECODING_GEMV_SPLIT=0: never; =force (or a
+    block size): everywhere (also for K = 8 and 16, where most of a block's threads have no chunk)."""
     env = {key: value for key, value in os.environ.items() if key != "DECODING_GEMV_SPLIT"}
     if mode != "default":
         env["DECODING_GEMV_SPLIT"] = mode
@@ -138,7 +138,7 @@ def test_gemv_split_switch(mode):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    split = {"default": {"small", "glu_small"}, "0": set(), "force": set(report)}[mode]
+    split = {"default": {"small", "glu_small"}, "0": set()}.get(mode, set(report))
     assert report == {name: ["split" if name in split else "rows"] for name in report}, report
 
 
