@@ -124,8 +124,9 @@ def _kernel_kind(fn, w: torch.Tensor) -> str:
     return "split" if any("gemv_split_kernel" in n for n in names) else "rows"
 
 
-def graph_times(ours: bool) -> dict[str, list]:
-    """{"shape/M": [seconds per call, kernel]} for every shape and GRAPH_ROWS, each call on its own copy."""
+def graph_times(ours: bool, names: bool = False) -> dict[str, list]:
+    """{"shape/M": [seconds per call, kernel]} for every shape and GRAPH_ROWS, each call on its own copy;
+    the kernel is read from the profiler when `names`, else "-"."""
     results = {}
     for name, n, k in SHAPES:
         weights = random_weights(n, k, copies_for(n * k * 2))
@@ -133,21 +134,21 @@ def graph_times(ours: bool) -> dict[str, list]:
         for m in GRAPH_ROWS:
             fn = _fns(_graph_kind(name, ours), torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
             seconds = time_rotating([lambda w=w, fn=fn: fn(w) for w in rotation])
-            results[f"{name}/{m}"] = [seconds, _kernel_kind(fn, weights[0]) if ours else "cublas"]
+            results[f"{name}/{m}"] = [seconds, _kernel_kind(fn, weights[0]) if names else "-"]
         del weights, rotation
         torch.cuda.empty_cache()
     return results
 
 
-def _run_child(changes: dict[str, str | None]) -> dict[str, list] | None:
+def _run_child(changes: dict[str, str | None], names: bool) -> dict[str, list] | None:
     env = dict(os.environ)
     for key, value in changes.items():
         if value is None:
             env.pop(key, None)
         else:
             env[key] = value
-    result = subprocess.run([sys.executable, __file__, "--graph-child"], check=False, env=env, capture_output=True,
-                            text=True, timeout=600)
+    command = [sys.executable, __file__, "--graph-child", *(["--kernel-names"] if names else [])]
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         print(f"subprocess {changes} failed:\n{result.stderr[-3000:]}", file=sys.stderr)
         return None
@@ -166,7 +167,7 @@ def graph_main(sweep: bool = False) -> None:
     torch.cuda.empty_cache()
     children = {**GRAPH_RUNS, **(SWEEP_RUNS if sweep else {})}
     for label, changes in children.items():
-        runs[label] = _run_child(changes)
+        runs[label] = _run_child(changes, names=label == "new")
     runs = {label: r for label, r in runs.items() if r is not None}
     labels = [label for label in [*children, "cuBLAS"] if label in runs]
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy:.0f} GB/s (same run). Per call in a CUDA graph, "
@@ -210,9 +211,10 @@ if __name__ == "__main__":
     parser.add_argument("--sweep", action="store_true", help="with --graph: also the split kernel at 64/128/256 "
                         "threads a block on every shape (DECODING_GEMV_SPLIT=64|128|256)")
     parser.add_argument("--graph-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--kernel-names", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.graph_child:
-        print(json.dumps(graph_times(ours=True)))
+        print(json.dumps(graph_times(ours=True, names=args.kernel_names)))
     elif args.graph:
         graph_main(args.sweep)
     else:

@@ -26,10 +26,10 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DTYPES = [torch.bfloat16, torch.float16]
 # (N, K): the 8B and 1B decode projections, a vocab-sized LM head, and odd sizes (tail rows, short K).
 SHAPES = [(6144, 4096), (4096, 14336), (3072, 2048), (2048, 8192), (128256, 2048), (1000, 72), (37, 8)]
-# Shapes that take the split-K kernel at every M on any GPU of >= 11 SMs (its grid of ceil(N / R) blocks is
-# under 12 per SM): an odd N (the last block's second row is a tail), K / 8 = 257 and 375 chunks (not a
-# multiple of the 64-256 threads of a block, so some threads do one more round than others), a long K
-# with few rows (256 threads, 8 warps' partials), and the 1B o projection.
+# Shapes that take the split-K kernel on an H100 (its grid of ceil(N / R) blocks is under 12 per SM), at
+# every M except the 1B o projection (M <= 2 only): an odd N (the last block's second row is a tail),
+# K / 8 = 257 and 375 chunks (not a multiple of the 64-256 threads of a block, so some threads do one more
+# round than others), and a long K with few rows (256 threads, 8 warps' partials).
 SPLIT_SHAPES = [(255, 2056), (1000, 3000), (64, 16384), (2048, 2048)]
 
 
