@@ -3,17 +3,42 @@ reported as achieved weight bandwidth.
 
     pytest benches/bench_gemv.py --benchmark-columns=median        # pytest-benchmark suite
     python benches/bench_gemv.py                                   # one table, plus the copy bandwidth
+    python benches/bench_gemv.py --graph                           # kernel times in CUDA graphs, A/B
 
 Weights rotate over enough copies to exceed the 50 MB L2, so each call reads its matrix from HBM; each
 round launches REPS calls back to back and synchronises once. Skips without CUDA.
+
+Eager calls measure Python's launch rate on the small 1B matrices (~5 us a call), not the kernels.
+`--graph` captures one call per weight copy (>= 512 MB of copies) in a CUDA graph and reports the median
+replay time per call (benches/int8_timing.py), for the 1B and 8B projections at M = 1, 2:
+  new    the default kernel choice (split-K for small matrices, csrc/cuda/gemv.cu)
+  old    DECODING_GEMV_SPLIT=0: the row-parallel kernel everywhere
+  force  DECODING_GEMV_SPLIT=force: the split-K kernel wherever it launches
+  nopdl  the default choice with DECODING_PDL=0: consecutive calls in the graph no longer overlap, as
+         cuBLAS's do not (the decode step's kernels trigger their dependents early, so it runs with PDL)
+  cuBLAS F.linear (and silu_and_mul for gate_up)
+  t64, t128, t256 (with --sweep) DECODING_GEMV_SPLIT=64|128|256: the split kernel on every shape with
+         that many threads a block, to tune the choice in csrc/cuda/gemv.cu (pick_split_threads)
+Both switches are read once per process, so each GEMV setting runs in a subprocess of this script; the
+copy bandwidth and cuBLAS are measured in the parent, in the same run.
 """
 
 from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from decoding import ops
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from int8_timing import copies_for, random_weights, time_rotating
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -61,7 +86,7 @@ def _fns(kind: str, x: torch.Tensor):
 def test_linear(benchmark, shape, m, kind):
     if kind == "gemv" and "cuda" not in ops._IMPLS["linear"]:
         pytest.skip("extension without CUDA kernels")
-    name, n, k = shape
+    _name, n, k = shape
     weights = _weights(n, k)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     fn = _fns(kind, x)
@@ -69,6 +94,96 @@ def test_linear(benchmark, shape, m, kind):
     t = time_per_call(fn, weights)
     benchmark.extra_info["us_per_call"] = t * 1e6
     benchmark.extra_info["GB/s"] = n * k * 2 / t / 1e9
+
+
+GRAPH_ROWS = [1, 2]
+# label -> environment changes for a subprocess; None deletes the variable.
+GRAPH_RUNS = {
+    "new": {"DECODING_GEMV_SPLIT": None, "DECODING_PDL": None},
+    "old": {"DECODING_GEMV_SPLIT": "0", "DECODING_PDL": None},
+    "force": {"DECODING_GEMV_SPLIT": "force", "DECODING_PDL": None},
+    "nopdl": {"DECODING_GEMV_SPLIT": None, "DECODING_PDL": "0"},
+}
+# --sweep: the split kernel everywhere with a fixed block size, to tune pick_split_threads.
+SWEEP_RUNS = {f"t{n}": {"DECODING_GEMV_SPLIT": str(n), "DECODING_PDL": None} for n in (64, 128, 256)}
+
+
+def _graph_kind(name: str, ours: bool) -> str:
+    glu = name.endswith("gate_up")
+    if ours:
+        return "gemv_silu_mul" if glu else "gemv"
+    return "cublas_silu_mul" if glu else "cublas"
+
+
+def _kernel_kind(fn, w: torch.Tensor) -> str:
+    """Which GEMV kernel one call ran, from the profiler: split (split-K) or rows (row-parallel)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn(w)
+        torch.cuda.synchronize()
+    names = {e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA}
+    return "split" if any("gemv_split_kernel" in n for n in names) else "rows"
+
+
+def graph_times(ours: bool, names: bool = False) -> dict[str, list]:
+    """{"shape/M": [seconds per call, kernel]} for every shape and GRAPH_ROWS, each call on its own copy;
+    the kernel is read from the profiler when `names`, else "-"."""
+    results = {}
+    for name, n, k in SHAPES:
+        weights = random_weights(n, k, copies_for(n * k * 2))
+        rotation = [weights[i % len(weights)] for i in range(max(len(weights), 8))]
+        for m in GRAPH_ROWS:
+            fn = _fns(_graph_kind(name, ours), torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            seconds = time_rotating([lambda w=w, fn=fn: fn(w) for w in rotation])
+            results[f"{name}/{m}"] = [seconds, _kernel_kind(fn, weights[0]) if names else "-"]
+        del weights, rotation
+        torch.cuda.empty_cache()
+    return results
+
+
+def _run_child(changes: dict[str, str | None], names: bool) -> dict[str, list] | None:
+    env = dict(os.environ)
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    command = [sys.executable, __file__, "--graph-child", *(["--kernel-names"] if names else [])]
+    result = subprocess.run(command, check=False, env=env, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        print(f"subprocess {changes} failed:\n{result.stderr[-3000:]}", file=sys.stderr)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _speedup(t: dict[str, float], a: str, b: str) -> str:
+    return f"{t[b] / t[a]:.2f}x" if a in t and b in t else "-"
+
+
+def graph_main(sweep: bool = False) -> None:
+    from decoding.bench import copy_bandwidth_gbps
+
+    copy = copy_bandwidth_gbps("cuda")
+    runs = {"cuBLAS": graph_times(ours=False)}
+    torch.cuda.empty_cache()
+    children = {**GRAPH_RUNS, **(SWEEP_RUNS if sweep else {})}
+    for label, changes in children.items():
+        runs[label] = _run_child(changes, names=label == "new")
+    runs = {label: r for label, r in runs.items() if r is not None}
+    labels = [label for label in [*children, "cuBLAS"] if label in runs]
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {copy:.0f} GB/s (same run). Per call in a CUDA graph, "
+          f"weights rotated over >= 512 MB: us, weight GB/s. kernel: what `new` ran (split-K or row-parallel).")
+    head = "".join(f"{label:>14}" for label in labels)
+    print(f"{'shape':<12} {'M':>1} {'kernel':>6} {head}  {'new/old':>7} {'new/cuBLAS':>10} {'new % copy':>10}")
+    for name, n, k in SHAPES:
+        gb = n * k * 2 / 1e9
+        for m in GRAPH_ROWS:
+            key = f"{name}/{m}"
+            cells = "".join(f"{runs[label][key][0] * 1e6:7.2f} {gb / runs[label][key][0]:5.0f} " for label in labels)
+            t = {label: runs[label][key][0] for label in labels}
+            kernel = runs["new"][key][1] if "new" in runs else "?"
+            pct = f"{100 * gb / t['new'] / copy:.0f}%" if "new" in t else "-"
+            print(f"{name:<12} {m:>1} {kernel:>6} {cells} {_speedup(t, 'new', 'old'):>7} "
+                  f"{_speedup(t, 'new', 'cuBLAS'):>10} {pct:>10}")
 
 
 def main() -> None:
@@ -91,4 +206,16 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--graph", action="store_true", help="kernel times in CUDA graphs: new/old/force/nopdl/cuBLAS")
+    parser.add_argument("--sweep", action="store_true", help="with --graph: also the split kernel at 64/128/256 "
+                        "threads a block on every shape (DECODING_GEMV_SPLIT=64|128|256)")
+    parser.add_argument("--graph-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--kernel-names", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.graph_child:
+        print(json.dumps(graph_times(ours=True, names=args.kernel_names)))
+    elif args.graph:
+        graph_main(args.sweep)
+    else:
+        main()

@@ -10,6 +10,15 @@
 // output j reads rows j and I + j and writes silu(gate) * up, with the roundings the unfused ops do
 // (gate and up rounded to the dtype, silu rounded, product rounded), so it matches them up to the fp32
 // summation order of the dot products.
+//
+// Small matrices (the 1B model's qkv, o and down projections: 8-34 MB) give that row-parallel grid
+// only ~8-12 warps per SM, each with one long burst of loads and then a serial tail of FMAs. For them
+// gemv_split_kernel spreads each block's R rows over up to 256 threads along K (thread t reads chunks
+// t, t + threads, ...), so 4-8x more warps share the same bytes in flight, and reduces the partial sums
+// through shared memory in a fixed order (deterministic, no atomics, one kernel). The host picks it
+// when the row-parallel grid is short of warps (pick_split_threads); DECODING_GEMV_SPLIT=0 turns it
+// off, DECODING_GEMV_SPLIT=force takes it wherever it can launch, =64|128|256 with that block size
+// (A/B runs and tuning: benches/bench_gemv.py --graph [--sweep]; read once).
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,7 +28,10 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 
 #include "pdl.h"
 
@@ -30,6 +42,7 @@ constexpr int kWarpSize = 32;
 constexpr int kWarps = 4;      // warps per block
 constexpr int kChunk = 8;      // elements per 16-byte load
 constexpr int kMaxRows = 8;    // largest M with a kernel instance
+constexpr int kSplitMaxThreads = 256;  // threads per block of the split-K kernel
 
 template <typename T>
 __device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[kChunk]);
@@ -160,6 +173,97 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   }
 }
 
+// Split-K: a block of blockDim.x threads (a multiple of 32, <= kSplitMaxThreads) owns R output rows over
+// the whole K. Thread t streams chunks t + i * blockDim.x of every row, U of them per row in flight; the
+// block's partial sums meet in shared memory and are added warp by warp in a fixed order.
+template <typename T, int M, int R, int U, bool GLU>
+__global__ void __launch_bounds__(kSplitMaxThreads)
+    gemv_split_kernel(T* __restrict__ out, int64_t ldo, const T* __restrict__ x, int64_t ldx,
+                      const T* __restrict__ w, const T* __restrict__ bias, int n_out, int K) {
+  constexpr int NW = GLU ? 2 * R : R;
+  trigger_dependents();
+  const int row0 = blockIdx.x * R;
+  const T* rows[NW];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = min(row0 + r, n_out - 1);  // tail rows repeat the last one; their store is skipped
+    rows[r] = w + static_cast<int64_t>(row) * K;
+    if constexpr (GLU) rows[R + r] = w + static_cast<int64_t>(row + n_out) * K;
+  }
+  float acc[NW][M];
+#pragma unroll
+  for (int j = 0; j < NW; ++j)
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[j][m] = 0.f;
+
+  const int chunks = K / kChunk;
+  const int stride = blockDim.x;
+  bool waited = false;
+  for (int c0 = threadIdx.x; c0 < chunks; c0 += U * stride) {
+    uint4 wv[U][NW];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * stride;
+#pragma unroll
+      for (int j = 0; j < NW; ++j)
+        wv[u][j] = c < chunks ? load_stream(rows[j] + c * kChunk) : make_uint4(0, 0, 0, 0);
+    }
+    if (!waited) {
+      grid_dependency_wait();  // PDL: weights above are prefetched, x below is the predecessor's output
+      waited = true;
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int c = c0 + u * stride;
+      if (c >= chunks) break;
+      float xf[M][kChunk];
+#pragma unroll
+      for (int m = 0; m < M; ++m) unpack8<T>(*reinterpret_cast<const uint4*>(x + m * ldx + c * kChunk), xf[m]);
+#pragma unroll
+      for (int j = 0; j < NW; ++j) {
+        float wf[kChunk];
+        unpack8<T>(wv[u][j], wf);
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+#pragma unroll
+          for (int e = 0; e < kChunk; ++e) acc[j][m] = fmaf(wf[e], xf[m][e], acc[j][m]);
+      }
+    }
+  }
+  if (!waited) grid_dependency_wait();  // threads with no chunk (K < 8 * blockDim.x) still write below
+
+  __shared__ float partial[kSplitMaxThreads / kWarpSize][NW * M];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int j = 0; j < NW; ++j)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float v = warp_sum(acc[j][m]);
+      if (lane == 0) partial[warp][j * M + m] = v;
+    }
+  __syncthreads();
+  // One thread per (row, activation row) of the block adds the warps' partials in warp order.
+  if (threadIdx.x >= R * M) return;
+  const int r = threadIdx.x / M, m = threadIdx.x % M;
+  const int row = row0 + r;
+  if (row >= n_out) return;
+  const int warps = blockDim.x / kWarpSize;
+  auto total = [&](int j) {
+    float s = 0.f;
+    for (int i = 0; i < warps; ++i) s += partial[i][j * M + m];
+    return s;
+  };
+  float y;
+  if constexpr (GLU) {
+    const float gate = round_to<T>(total(r));
+    const float up = round_to<T>(total(R + r));
+    y = round_to<T>(gate / (1.f + __expf(-gate))) * up;
+  } else {
+    y = total(r) + (bias != nullptr ? static_cast<float>(bias[row]) : 0.f);
+  }
+  out[m * ldo + row] = static_cast<T>(y);
+}
+
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
 
 void check_gemv_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& w, int64_t n_out, bool glu) {
@@ -182,6 +286,70 @@ void check_gemv_args(const at::Tensor& out, const at::Tensor& x, const at::Tenso
   TORCH_CHECK(out.stride(1) == 1, "out rows must be contiguous");
 }
 
+enum class SplitMode { kOff, kAuto, kForce };
+
+struct SplitSetting {
+  SplitMode mode;
+  int threads;  // > 0: every launch takes the split kernel with this many threads a block (tuning)
+};
+
+// DECODING_GEMV_SPLIT=0: the row-parallel kernel only; =force: the split kernel wherever it can launch;
+// =64|128|256: the split kernel everywhere with that block size; otherwise pick_split_threads decides.
+// Read once, as DECODING_PDL (pdl.h).
+SplitSetting split_setting() {
+  static const SplitSetting setting = [] {
+    const char* env = std::getenv("DECODING_GEMV_SPLIT");
+    const std::string value = env != nullptr ? env : "";
+    if (value == "0") return SplitSetting{SplitMode::kOff, 0};
+    if (value == "force") return SplitSetting{SplitMode::kForce, 0};
+    if (value == "64" || value == "128" || value == "256") return SplitSetting{SplitMode::kForce, std::stoi(value)};
+    return SplitSetting{SplitMode::kAuto, 0};
+  }();
+  return setting;
+}
+
+// Blocks of `threads` (64, 128 or 256) threads of this split-kernel instance that one SM holds at once
+// (registers, shared memory), asked once per instance and block size.
+template <typename T, int M, int R, int U, bool GLU>
+int resident_blocks(int threads) {
+  static std::atomic<int> cache[3];  // by threads 64, 128, 256; 0 = not asked yet
+  const int i = threads == 64 ? 0 : (threads == 128 ? 1 : 2);
+  int n = cache[i].load(std::memory_order_relaxed);
+  if (n == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_split_kernel<T, M, R, U, GLU>, threads, 0));
+    cache[i].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+// Below this many row-parallel warps per SM the split kernel is taken: on an H100 the 1B projections at
+// M <= 2 give 7.75 (o, down) and 11.6 (qkv); every Llama-3-8B projection gives >= 15.5 (o, down) and keeps
+// the row-parallel kernel, which reaches 2.3-3.0 TB/s on them.
+constexpr int kSplitBelowWarpsPerSm = 12;
+
+// Threads per block of the split kernel for this launch, or 0 for the row-parallel kernel. The most
+// threads (256, 128, 64) such that every thread has at least U chunks of each row and the whole grid is
+// resident at once: a second, partial wave would add a full memory latency to a kernel that is mostly
+// latency. On an H100 (132 SMs, 40-48 registers a thread) the 1B matrices get 128 threads a block, or 64
+// for qkv at M = 2: 23-46 warps per SM, each thread with four 16-byte loads in flight: 47-95 KB per SM.
+template <typename T, int M, int R, int U, bool GLU>
+int pick_split_threads(int n_out, int K) {
+  const auto [mode, forced_threads] = split_setting();
+  if (mode == SplitMode::kOff) return 0;
+  if (forced_threads > 0) return forced_threads;
+  int device = 0, sm_count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  const int64_t sms = sm_count;
+  const int64_t blocks = (n_out + R - 1) / R;  // = the row-parallel kernel's warps (R rows per warp)
+  if (mode == SplitMode::kAuto && blocks >= kSplitBelowWarpsPerSm * sms) return 0;
+  const int chunks = K / kChunk;
+  for (const int threads : {256, 128, 64}) {
+    if (threads * U <= chunks && blocks <= resident_blocks<T, M, R, U, GLU>(threads) * sms) return threads;
+  }
+  return mode == SplitMode::kForce ? 64 : 0;
+}
+
 template <typename T, bool GLU>
 void launch_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, const T* bias, int n_out) {
   const int M = static_cast<int>(x.size(0)), K = static_cast<int>(x.size(1));
@@ -195,6 +363,18 @@ void launch_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, cons
     // registers for the accumulators of larger M.
     constexpr int kW = (GLU ? 2 : 1) * kR * kM;
     constexpr int kU = kW <= 2 ? 8 : (kW < 8 ? 4 : 2);
+    // The split kernel reads the same R rows per block as the row-parallel one per warp, with four
+    // 16-byte loads per thread in flight (its warps are many, so each needs fewer).
+    constexpr int kNW = (GLU ? 2 : 1) * kR;
+    static_assert(kNW == 1 || kNW == 2, "split kernel: 1 or 2 weight rows per block");
+    constexpr int kSplitU = 4 / kNW;
+    const int threads = pick_split_threads<T, kM, kR, kSplitU, GLU>(n_out, K);
+    if (threads > 0) {
+      const dim3 grid(static_cast<unsigned>((n_out + kR - 1) / kR));
+      launch(gemv_split_kernel<T, kM, kR, kSplitU, GLU>, grid, dim3(threads), 0, stream, y, out.stride(0), xp,
+             x.stride(0), wp, bias, n_out, K);
+      return;
+    }
     const int rows_per_block = kWarps * kR;
     const dim3 grid(static_cast<unsigned>((n_out + rows_per_block - 1) / rows_per_block));
     launch(gemv_kernel<T, kM, kR, kU, GLU>, grid, dim3(kWarps * kWarpSize), 0, stream, y, out.stride(0), xp,
