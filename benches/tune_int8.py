@@ -92,7 +92,9 @@ W8A8_CONFIGS = [
 
 
 def tune_w8a8(results: dict) -> None:
+    """The pointer-based int8 GEMM (the persistent TMA one: benches/tune_w8a8.py)."""
     from decoding.kernels import int8 as K
+    from decoding.kernels import w8a8 as W
 
     print(f"{'shape':>14} {'M':>5} {'bf16 us':>8} {'_int_mm+scale':>14} " +
           " ".join(f"cfg{i:<6}" for i in range(len(W8A8_CONFIGS))) + "  full-linear  x bf16")
@@ -111,8 +113,8 @@ def tune_w8a8(results: dict) -> None:
             cfg_times = []
             for cfg in W8A8_CONFIGS:
                 try:
-                    cfg_times.append(time_rotating([lambda q=q, s=s, o=o, c=cfg: K._launch_int8_gemm(
-                        a, sa, q, s, None, o, None, None, c) for (q, s), o in zip(weights, outs)]))
+                    cfg_times.append(time_rotating([lambda q=q, s=s, o=o, c=cfg: W.launch_int8_gemm(
+                        a, sa, q, s, None, o, cfg=c, tma=False) for (q, s), o in zip(weights, outs)]))
                 except Exception as e:  # out of shared memory etc.: report, keep sweeping
                     print(f"  cfg {cfg}: {type(e).__name__}: {str(e)[:100]}")
                     cfg_times.append(float("inf"))

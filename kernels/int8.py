@@ -1,5 +1,4 @@
-"""INT8 matmuls in Triton: W8A16 GEMM, W8A8 GEMM with scales fused into the epilogue, per-token
-activation quantization, column abs-max for LLM.int8() outlier columns.
+"""INT8 matmuls in Triton: W8A16 GEMM, and the registered W8A8 ops (their kernels are in kernels/w8a8.py).
 
 Registered as `decoding::<name>_triton` ops (their references are in `decoding.reference`):
 - `w8a16_linear`: out = x @ (qweight * scales)^T + bias; int8 weights converted to x's dtype in
@@ -11,6 +10,7 @@ Registered as `decoding::<name>_triton` ops (their references are in `decoding.r
   16 bits), so the per-channel weight scale multiplies both parts once.
 - `quantize_per_token`: symmetric int8 per row, optionally with some columns zeroed (outliers).
 - `column_absmax`: max |x| per column over all rows (atomic max on the fp32 bit pattern).
+`w8a8_linear` (the whole LLM.int8() linear, not a registered op) is `w8a8.w8a8_linear`.
 
 Rounding is half away from zero, and 127 / amax is an IEEE division (div_rn), so the int8 values are
 those of the reference bit for bit.
@@ -19,20 +19,17 @@ those of the reference bit for bit.
 from __future__ import annotations
 
 import os
-import struct
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from . import w8a8
+from .w8a8 import w8a8_linear  # noqa: F401  (ops.py's triton w8a8_linear)
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-
-
-@triton.jit
-def _round_half_away(v):
-    return tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
 
 
 @triton.jit
@@ -132,178 +129,23 @@ def _dequantize_kernel(q_ptr, s_ptr, out_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK
     tl.store(out_ptr + ptrs, (q * s[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, wo_ptr, M, N, K, KO,
-                      stride_am, stride_om, stride_xom, HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
-                      OUT_INT32: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    for k in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0)
-        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
-        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K
-    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    if OUT_INT32:
-        tl.store(out_ptrs, acc, mask=out_mask)
-    else:
-        y = acc.to(tl.float32) * tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
-        if HAS_OUTLIERS:  # LLM.int8(): outlier columns of x times the same (gathered) int8 weight columns
-            offs_o = tl.arange(0, BLOCK_O)
-            dtype = xo_ptr.dtype.element_ty
-            fp = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for j in range(0, KO, BLOCK_O):
-                mask_o = offs_o < KO - j
-                xo = tl.load(xo_ptr + offs_m[:, None].to(tl.int64) * stride_xom + (j + offs_o)[None, :],
-                             mask=mask_m[:, None] & mask_o[None, :], other=0.0)
-                wo = tl.load(wo_ptr + offs_n[:, None].to(tl.int64) * KO + (j + offs_o)[None, :],
-                             mask=mask_n[:, None] & mask_o[None, :], other=0)
-                if FP32_DOT:
-                    fp += tl.dot(xo.to(tl.float32), tl.trans(wo.to(tl.float32)), input_precision="ieee")
-                else:
-                    fp = tl.dot(xo, tl.trans(wo.to(dtype)), fp)
-            y += fp
-        y = y * tl.load(sb_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _quantize_per_token_kernel(x_ptr, stride_xm, mask_ptr, q_ptr, s_ptr, K, HAS_MASK: tl.constexpr,
-                               BLOCK: tl.constexpr, SINGLE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    if SINGLE:  # the whole row stays in registers between the max and the rounding
-        cols = tl.arange(0, BLOCK)
-        x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-        if HAS_MASK:
-            x = x * tl.load(mask_ptr + cols, mask=cols < K, other=0.0)
-        amax_row = tl.max(tl.abs(x), axis=0)
-    else:
-        amax = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in range(0, K, BLOCK):
-            cols = k + tl.arange(0, BLOCK)
-            xk = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-            if HAS_MASK:
-                xk = xk * tl.load(mask_ptr + cols, mask=cols < K, other=0.0)
-            amax = tl.maximum(amax, tl.abs(xk))
-        amax_row = tl.max(amax, axis=0)
-    nonzero = amax_row > 0
-    scale = tl.where(nonzero, tl.math.div_rn(amax_row, 127.0), 1.0)
-    inv = tl.where(nonzero, tl.math.div_rn(127.0, tl.where(nonzero, amax_row, 1.0)), 1.0)
-    tl.store(s_ptr + row, scale)
-    if SINGLE:
-        q = tl.minimum(tl.maximum(_round_half_away(x * inv), -127), 127)
-        tl.store(q_ptr + row * K + cols, q.to(tl.int8), mask=cols < K)
-    else:
-        for k in range(0, K, BLOCK):
-            cols = k + tl.arange(0, BLOCK)
-            xk = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-            if HAS_MASK:
-                xk = xk * tl.load(mask_ptr + cols, mask=cols < K, other=0.0)
-            q = tl.minimum(tl.maximum(_round_half_away(xk * inv), -127), 127)
-            tl.store(q_ptr + row * K + cols, q.to(tl.int8), mask=cols < K)
-
-
-@triton.jit
-def _count_above(amax_ptr, K, t_bits, BLOCK: tl.constexpr):
-    count = 0
-    for k in range(0, K, BLOCK):
-        cols = k + tl.arange(0, BLOCK)
-        bits = tl.load(amax_ptr + cols, mask=cols < K, other=0.0).to(tl.int32, bitcast=True)
-        count += tl.sum((bits > t_bits).to(tl.int32), axis=0)
-    return count
-
-
-@triton.jit
-def _outlier_plan_kernel(amax_ptr, idx_ptr, keep_ptr, mask_ptr, K, KO, threshold_bits, BLOCK: tl.constexpr):
-    # One program. Column maxima are non-negative, so they order as their int32 bit patterns: a bisection
-    # on the bits finds the smallest cut t >= threshold with at most KO columns above it (the (KO+1)-th
-    # largest maximum when more than KO exceed the threshold). Then the columns above t, in column order
-    # (a running prefix count), and the 0/1 column mask that keeps them out of the int8 part.
-    t_bits = threshold_bits
-    if _count_above(amax_ptr, K, threshold_bits, BLOCK) > KO:  # the usual case skips the 31 passes
-        lo = threshold_bits
-        hi = 0x7F800000  # +inf: nothing is above it
-        for _ in range(31):
-            mid = lo + (hi - lo) // 2
-            ok = _count_above(amax_ptr, K, mid, BLOCK) <= KO
-            hi = tl.where(ok, mid, hi)
-            lo = tl.where(ok, lo, mid)
-        t_bits = hi
-    count = 0
-    for k in range(0, K, BLOCK):
-        cols = k + tl.arange(0, BLOCK)
-        bits = tl.load(amax_ptr + cols, mask=cols < K, other=0.0).to(tl.int32, bitcast=True)
-        hit = (bits > t_bits) & (cols < K)
-        pos = count + tl.cumsum(hit.to(tl.int32), axis=0) - 1
-        tl.store(idx_ptr + pos, cols.to(tl.int64), mask=hit)
-        tl.store(keep_ptr + pos, tl.full([BLOCK], 1.0, tl.float32), mask=hit)
-        tl.store(mask_ptr + cols, tl.where(hit, 0.0, 1.0), mask=cols < K)
-        count += tl.sum(hit.to(tl.int32), axis=0)
-
-
-@triton.jit
-def _gather_columns_kernel(x_ptr, stride_xm, idx_ptr, keep_ptr, out_ptr, M, KO, BLOCK_M: tl.constexpr,
-                           BLOCK_O: tl.constexpr):
-    # out[m, j] = x[m, idx[j]] * keep[j]: the outlier columns' 16-bit activations.
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_o = tl.arange(0, BLOCK_O)
-    mask_o = offs_o < KO
-    cols = tl.load(idx_ptr + offs_o, mask=mask_o, other=0)
-    keep = tl.load(keep_ptr + offs_o, mask=mask_o, other=0.0)
-    mask = (offs_m < M)[:, None] & mask_o[None, :]
-    x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
-    out = (x.to(tl.float32) * keep[None, :]).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs_m[:, None].to(tl.int64) * KO + offs_o[None, :], out, mask=mask)
-
-
-@triton.jit
-def _column_absmax_kernel(x_ptr, stride_xm, out_ptr, M, K, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-    x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=mask, other=0.0)
-    amax = tl.max(tl.abs(x.to(tl.float32)), axis=0)
-    # Non-negative floats order as their int32 bit patterns, so an integer atomic max does it.
-    tl.atomic_max(out_ptr + offs_k, amax.to(tl.int32, bitcast=True), mask=offs_k < K)
-
-
 def _rows(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() != 2:
         raise ValueError(f"{name} must be 2-D, got shape {tuple(x.shape)}")
     return x if x.stride(1) == 1 else x.contiguous()
 
 
-def _gemm_config(M: int, N: int, K: int, int8: bool) -> dict:
-    """Tile shapes: tiny ones for the interpreter; on the GPU by M, from the H100 sweeps of
-    benches/tune_int8.py (benches/NOTES.md, INT8). For W8A16 past 32 tokens see _SWAPPED_CONFIG."""
+def _gemm_config(M: int) -> dict:
+    """W8A16 tiles up to 32 tokens: tiny ones for the interpreter; on the GPU by M, from the H100 sweeps of
+    benches/tune_int8.py (benches/NOTES.md, INT8). Past 32 tokens see _swapped_config."""
     if _INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
-    if not int8:
-        # Skinny: 16-token tiles, narrow column blocks and deep K blocks keep enough programs streaming.
-        if M <= 16:
-            return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
-        if M <= 32:
-            return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
+    # Skinny: 16-token tiles, narrow column blocks and deep K blocks keep enough programs streaming.
     if M <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
+    if M <= 32:
         return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
-    if M <= 256:
-        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=4, num_stages=4)
 
 
 def _swapped_config(M: int) -> dict:
@@ -355,23 +197,6 @@ def dequantize(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) 
     return out
 
 
-def _launch_int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
-                      bias: torch.Tensor | None, out: torch.Tensor, x_out: torch.Tensor | None,
-                      out_idx: torch.Tensor | None, cfg: dict) -> None:
-    (M, K), N = a.shape, b.shape[0]
-    has_outliers = x_out is not None and x_out.shape[1] > 0
-    # The outlier columns of the weights, gathered once per call into a dense [N, KO] block (a gather
-    # inside the kernel would be a scattered byte load per weight in every tile).
-    w_out = b.index_select(1, out_idx) if has_outliers else a_scale
-    wrap_triton(_int8_gemm_kernel)[_grid(M, N, cfg)](
-        a, b, out, a_scale, b_scale, bias if bias is not None else b_scale, x_out if has_outliers else a_scale,
-        w_out, M, N, K, x_out.shape[1] if has_outliers else 0, a.stride(0),
-        out.stride(0), x_out.stride(0) if has_outliers else 0, HAS_BIAS=bias is not None,
-        HAS_OUTLIERS=has_outliers, OUT_INT32=out.dtype == torch.int32,
-        FP32_DOT=_INTERPRET or (has_outliers and x_out.dtype == torch.float32),
-        BLOCK_O=32 if _INTERPRET else 64, **cfg)
-
-
 @triton_op("decoding::w8a16_linear_triton", mutates_args=())
 def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -395,7 +220,7 @@ def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if M > 32 and scales.dim() == 1:
         _launch_w8a16_swapped(x, qweight, scales, bias, out, _swapped_config(M))
     else:
-        _launch_w8a16(x, qweight, scales, bias, out, _gemm_config(M, N, K, int8=False))
+        _launch_w8a16(x, qweight, scales, bias, out, _gemm_config(M))
     return out
 
 
@@ -415,7 +240,11 @@ def int8_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
     out = torch.empty(M, N, dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return out
-    _launch_int8_gemm(a, a_scale, b, b_scale, bias, out, x_out, out_idx, _gemm_config(M, N, K, int8=True))
+    has_outliers = x_out is not None and x_out.shape[1] > 0
+    # The outlier columns of the weights, gathered once per call into a dense [N, KO] block (a gather
+    # inside the kernel would be a scattered byte load per weight in every tile).
+    w_out = b.index_select(1, out_idx) if has_outliers else None
+    w8a8.launch_int8_gemm(a, a_scale, b, b_scale, bias, out, x_out if has_outliers else None, w_out)
     return out
 
 
@@ -423,16 +252,8 @@ def int8_scaled_mm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sc
 def quantize_per_token(x: torch.Tensor, col_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row of x [M, K] (times col_mask [K] of 0/1 when given): (q [M, K] int8, scale [M] fp32)."""
     x = _rows(x, "x")
-    M, K = x.shape
-    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
-    scale = torch.empty(M, dtype=torch.float32, device=x.device)
-    if M == 0:
-        return q, scale
-    # Whole rows in registers up to 8192 columns; longer rows (14336) stream twice in 4096-wide blocks.
-    block = min(triton.next_power_of_2(K), 1024 if _INTERPRET else (8192 if K <= 8192 else 4096))
-    wrap_triton(_quantize_per_token_kernel)[(M,)](
-        x, x.stride(0), col_mask if col_mask is not None else scale, q, scale, K, HAS_MASK=col_mask is not None,
-        BLOCK=block, SINGLE=block >= K, num_warps=max(1, min(16, block // 512)))
+    keep = None if col_mask is None else (col_mask != 0).to(torch.int8)
+    q, scale, _, _ = w8a8.quantize(x, keep)
     return q, scale
 
 
@@ -440,13 +261,7 @@ def quantize_per_token(x: torch.Tensor, col_mask: torch.Tensor | None = None) ->
 def column_absmax(x: torch.Tensor) -> torch.Tensor:
     """max over rows of |x| for x [M, K] -> fp32 [K]."""
     x = _rows(x, "x")
-    M, K = x.shape
-    out = torch.zeros(K, dtype=torch.int32, device=x.device)
-    if M > 0:
-        block_m, block_k = (16, 64) if _INTERPRET else (64, 128)
-        wrap_triton(_column_absmax_kernel)[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
-            x, x.stride(0), out, M, K, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4)
-    return out.view(torch.float32)
+    return w8a8.absmax_plan(x, 0.0, 1, plan=False)[0]
 
 
 # Explicit fakes (see kernels/norm.py: the default cannot trace interpreted kernels).
@@ -468,47 +283,3 @@ def _(x, col_mask=None):
 @column_absmax.register_fake
 def _(x):
     return x.new_empty(x.shape[1], dtype=torch.float32)
-
-
-def outlier_plan(amax: torch.Tensor, threshold: float, ko: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(idx [ko] int64, keep [ko] bool, col_mask [K] fp32) as `reference.outlier_columns_ref`, from the
-    column abs-max, in one launch (threshold > 0)."""
-    K = amax.shape[0]
-    idx = torch.zeros(ko, dtype=torch.int64, device=amax.device)
-    keep = torch.zeros(ko, dtype=torch.float32, device=amax.device)
-    col_mask = torch.empty(K, dtype=torch.float32, device=amax.device)
-    block = min(triton.next_power_of_2(K), 1024 if _INTERPRET else 4096)
-    threshold_bits = struct.unpack("<i", struct.pack("<f", threshold))[0]
-    wrap_triton(_outlier_plan_kernel)[(1,)](amax, idx, keep, col_mask, K, ko, threshold_bits, BLOCK=block,
-                                            num_warps=4)
-    return idx, keep > 0, col_mask
-
-
-def gather_columns(x: torch.Tensor, idx: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """x[:, idx] * keep for x [M, K] -> [M, KO] in x's dtype."""
-    M, ko = x.shape[0], idx.shape[0]
-    out = torch.empty(M, ko, dtype=x.dtype, device=x.device)
-    block_m = 16 if _INTERPRET else 64
-    wrap_triton(_gather_columns_kernel)[(triton.cdiv(M, block_m),)](
-        x, x.stride(0), idx, keep.to(torch.float32), out, M, ko, BLOCK_M=block_m,
-        BLOCK_O=max(16, triton.next_power_of_2(ko)), num_warps=4)
-    return out
-
-
-def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
-                threshold: float = 6.0, max_outliers: int = 64) -> torch.Tensor:
-    """W8A8 linear with LLM.int8()'s outlier decomposition, as `decoding.reference.w8a8_linear_ref`.
-
-    Column abs-max, the outlier plan (the first max_outliers columns over the threshold: a fixed
-    number, so no host sync), per-token quantization with those columns zeroed, their 16-bit
-    activations gathered, then one GEMM kernel for both the int8 part and the 16-bit outlier part.
-    """
-    x = _rows(x, "x")
-    K = x.shape[1]
-    ko = min(max_outliers, K) if threshold > 0 else 0
-    if ko == 0:
-        q, s = quantize_per_token(x)
-        return int8_scaled_mm(q, s, qweight, w_scale, bias, x.dtype)
-    idx, keep, col_mask = outlier_plan(column_absmax(x), threshold, ko)
-    q, s = quantize_per_token(x, col_mask)
-    return int8_scaled_mm(q, s, qweight, w_scale, bias, x.dtype, gather_columns(x, idx, keep), idx)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # INT8 on a GPU node (the image's python3 with CUDA torch): build in place for sm_90, then the steps in
-# $STEPS (default all): test (GPU tests of the int8 kernels and layers), tune (launch-shape sweeps vs
-# bf16, benches/tune_int8.py), bench (benches/bench_int8.py), model (python -m decoding bench
+# $STEPS (default all but w8a8): test (GPU tests of the int8 kernels and layers), w8a8 (W8A8 prefill sweep
+# and full linear vs bf16, benches/tune_w8a8.py), tune (launch-shape sweeps vs bf16, benches/tune_int8.py), bench (benches/bench_int8.py), model (python -m decoding bench
 # --compare-bf16 on the 8B and 1B shapes). Logs go to $OUT (default gpu_logs/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,9 @@ if step test; then
     timeout 900 python3 -m pytest -q -p no:cacheprovider -m gpu -x tests/kernels/test_int8.py tests/test_quant.py \
         > "$OUT/int8_gpu_tests.log" 2>&1
     echo "int8 gpu tests rc=$?: $(tail -1 "$OUT/int8_gpu_tests.log")" | tee -a "$OUT/int8_env.txt"
+fi
+if step w8a8; then
+    timeout 600 python3 benches/tune_w8a8.py --out "$OUT/tune_w8a8.json" 2>&1 | tee "$OUT/tune_w8a8.log"
 fi
 if step tune; then
     timeout 900 python3 benches/tune_int8.py --part "${TUNE_PARTS:-gemv,w8a8,w8a16}" --out "$OUT/tune_int8.json" 2>&1 \

@@ -177,9 +177,10 @@ def test_outlier_columns_are_the_ones_over_threshold():
 
 
 @pytest.mark.parametrize("k,ko", [(64, 16), (2100, 8), (3000, 64), (200, 12)])
-def test_outlier_plan_and_gather_interpreted(k, ko):
+def test_outlier_plan_and_gathers_interpreted(k, ko):
+    """The fused abs-max + plan (last program) and the quantize kernel's gathers, against the reference."""
     _interp_triton()
-    from decoding.kernels import int8 as kernels
+    from decoding.kernels import w8a8
 
     g = torch.Generator().manual_seed(k)
     x = torch.randn(19, k, generator=g)
@@ -189,13 +190,57 @@ def test_outlier_plan_and_gather_interpreted(k, ko):
     else:  # 14 outlier columns: more than ko = 8, fewer than 16
         x[:, cols] *= 10.0
     idx_ref, keep_ref = reference.outlier_columns_ref(x, 6.0, ko)
-    idx, keep, col_mask = kernels.outlier_plan(kernels.column_absmax(x), 6.0, ko)
+    idx, keep, col_mask = w8a8.outlier_plan(x, 6.0, ko)
     assert torch.equal(idx, idx_ref) and torch.equal(keep, keep_ref)
     if ko == 12:
         assert sorted(idx[keep].tolist()) == sorted(cols[:12].tolist())
     expected_mask = torch.ones(k).scatter_(0, idx_ref[keep_ref], 0.0)
     assert torch.equal(col_mask, expected_mask)
-    assert torch.equal(kernels.gather_columns(x, idx, keep), x.index_select(1, idx) * keep)
+    amax, idx, cnt, keep8 = w8a8.absmax_plan(x, 6.0, ko)
+    assert torch.equal(amax, reference.column_absmax_ref(x)) and cnt.item() == int(keep_ref.sum())
+    w = torch.randint(-127, 128, (37, k), generator=g, dtype=torch.int8)
+    q, s, x_out, w_out = w8a8.quantize(x, keep8, cnt, idx, w)
+    q_ref, s_ref = reference.quantize_per_token_ref(x, expected_mask)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    live = int(cnt)
+    assert torch.equal(x_out[:, :live], x[:, idx_ref[:live]]) and torch.equal(w_out[:, :live], w[:, idx_ref[:live]])
+
+
+def _gemm_case(m, n, k, ko, live, seed=0, dtype=torch.bfloat16, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    sa, sb = torch.rand(m, generator=g) * 1e-2, torch.rand(n, generator=g) * 1e-2
+    bias = torch.randn(n, generator=g).to(dtype)
+    x_out = (torch.randn(m, ko, generator=g) * 10).to(dtype)
+    idx = torch.randperm(k, generator=g)[:ko]
+    cnt = torch.tensor([live], dtype=torch.int32)
+    x_live = x_out.clone()
+    x_live[:, live:] = 0  # slots past the live count are never read: the reference sees zeros there
+    expected = reference.int8_scaled_mm_ref(a, sa, b, sb, bias.float(), torch.float32, x_live.float(), idx)
+    args = [t.to(device) for t in (a, sa, b, sb, bias)]
+    return args, x_out.to(device), b[:, idx].contiguous().to(device), cnt.to(device), expected.to(device)
+
+
+@pytest.mark.parametrize("m,n,k", [(37, 72, 80), (16, 32, 32), (50, 104, 48)])
+@pytest.mark.parametrize("tma", [True, False])
+def test_int8_gemm_kernels_interpreted(m, n, k, tma):
+    """Both GEMM kernels (the persistent TMA one forced): int32 exact with M, N, K tails, and the scaled
+    output with bias and a live outlier count below the KO slots (the rest hold garbage, never read)."""
+    _interp_triton()
+    from decoding.kernels import w8a8
+
+    (a, sa, b, sb, bias), x_out, w_out, cnt, expected = _gemm_case(m, n, k, ko=24, live=19, seed=m)
+    acc = torch.empty(m, n, dtype=torch.int32)
+    w8a8.launch_int8_gemm(a, sa, b, sb, None, acc, tma=tma)
+    assert torch.equal(acc, torch._int_mm(a, b.t()) if m > 16 else (a.long() @ b.long().t()).int())
+    x_out[:, 19:] = float("nan")
+    w_out[:, 19:] = 127
+    for subtile in (True, False):
+        cfg = dict(w8a8.tma_config(m, n, k), SUBTILE=subtile) if tma else None
+        out = torch.empty(m, n, dtype=torch.bfloat16)
+        w8a8.launch_int8_gemm(a, sa, b, sb, bias, out, x_out, w_out, cnt, cfg=cfg, tma=tma)
+        _check_close(out, expected, torch.bfloat16, "triton")
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -350,6 +395,54 @@ def test_w8a8_linear_gpu(monkeypatch, dtype, n, k):
         for backend in _backends("w8a8_linear", "cuda"):
             out = _run(monkeypatch, "w8a8_linear", backend, x.device, x, q, s, b, threshold, max_outliers)
             _check_close(out, expected, dtype, backend)
+
+
+@gpu
+@pytest.mark.parametrize("m,n,k", [(2048, 6144, 4096), (2085, 4104, 4048), (300, 28672, 4096), (1024, 4096, 14336)])
+def test_int8_gemm_tma_gpu(m, n, k):
+    """The persistent TMA GEMM with its table config (and every config of benches/tune_w8a8.py at one
+    shape): int32 exact with tails, scaled output with bias and live outliers close to the reference."""
+    from decoding.kernels import w8a8
+
+    if not w8a8.tma_ok(torch.empty(16, 16, dtype=torch.int8, device="cuda"),
+                       torch.empty(16, 16, dtype=torch.int8, device="cuda"),
+                       torch.empty(16, 16, dtype=torch.bfloat16, device="cuda")):
+        pytest.skip("no TMA on this GPU")
+    args, x_out, w_out, cnt, expected = _gemm_case(m, n, k, ko=64, live=37, seed=m, device="cuda")
+    a, sa, b, sb, bias = args
+    configs = [None]
+    if (m, n, k) == (2048, 6144, 4096):
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benches"))
+        from tune_w8a8 import CONFIGS
+
+        configs += [c for c in CONFIGS if not c["WS"]]
+    exact = torch._int_mm(a, b.t())
+    for cfg in configs:
+        acc = torch.empty(m, n, dtype=torch.int32, device="cuda")
+        w8a8.launch_int8_gemm(a, sa, b, sb, None, acc, cfg=cfg, tma=True)
+        assert torch.equal(acc, exact), cfg
+        out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        w8a8.launch_int8_gemm(a, sa, b, sb, bias, out, x_out, w_out, cnt, cfg=cfg, tma=True)
+        _check_close(out, expected, torch.bfloat16, "triton")
+
+
+@gpu
+@pytest.mark.parametrize("case", ["none_over", "many_over", "unaligned_k"])
+def test_w8a8_linear_prefill_cases_gpu(monkeypatch, case):
+    """At 2048 tokens (TMA GEMM): no column over the threshold (count 0: the gathers and the epilogue's
+    16-bit part are skipped), more outlier columns than KO (the bisection), and K % 16 != 0 (the pointer GEMM)."""
+    n, k = 4096, 4096 if case != "unaligned_k" else 4100
+    cols = {"none_over": (), "many_over": tuple(range(5, 4000, 50)), "unaligned_k": (7, 100, 2000)}[case]
+    x, q, s, b = _w8a8_case(2048, n, k, torch.bfloat16, "cuda", outlier_cols=cols, seed=3)
+    if case == "none_over":
+        x = x.clamp(-5.9, 5.9)
+    expected = reference.w8a8_linear_ref(x.float(), q, s, b.float(), 6.0, 64)
+    for backend in _backends("w8a8_linear", "cuda"):
+        out = _run(monkeypatch, "w8a8_linear", backend, x.device, x, q, s, b, 6.0, 64)
+        _check_close(out, expected, torch.bfloat16, backend)
 
 
 # ----------------------------------------------------------------------------- opcheck

@@ -1,0 +1,218 @@
+"""W8A8 prefill on the Llama-3-8B projections: bf16 vs the int8 GEMMs and the whole W8A8 linear, one command.
+
+    python benches/tune_w8a8.py [--tokens 2048] [--out $OUT/tune_w8a8.json]
+
+For each projection (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336) at --tokens:
+- bf16 F.linear (cuBLAS), the baseline of every ratio;
+- the pointer-based int8 GEMM (the old kernel), and the persistent TMA GEMM over CONFIGS (<= 8 per shape);
+- the whole W8A8 linear (kernels/w8a8.w8a8_linear) with the best TMA config of this run: activations
+  N(0, 1) with 6 columns scaled to 10-20 (the LLM.int8() path has work), the same with no column over
+  the threshold, and the decomposition off (threshold 0); plus the preparation alone (memset, abs-max
+  and plan, quantization and gathers) to show the overhead.
+Timing as benches/int8_timing.py: weights rotate past the L2 inside one CUDA graph, median replay.
+
+Every config is first compiled and checked against torch._int_mm in a child process (a compiler abort,
+e.g. from Hopper warp specialization, then costs that config, not the run). At the end it prints the
+TMA_CONFIGS table for kernels/w8a8.py; paste it there and a second run times the table's choice
+("table" column) next to the sweep's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+from int8_timing import copies_for, random_int8_weights, random_weights, time_rotating  # noqa: E402
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+
+
+def _cfg(bm, bn, bk, warps, stages, subtile=True, flatten=True, ws=False, group=8):
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, num_warps=warps, num_stages=stages,
+                SUBTILE=subtile, FLATTEN=flatten, WS=ws)
+
+
+# Triton 3.6 keeps an int8 wgmma synchronous (its accumulator is not fp32), so each K step waits for its
+# MMAs: deeper K blocks (fewer waits) and two warpgroups per tile (one issues while the other waits) are
+# the levers; warp specialization may overlap them further if it compiles.
+CONFIGS = [
+    _cfg(128, 256, 128, 8, 3),
+    _cfg(128, 256, 128, 8, 4),
+    _cfg(256, 128, 128, 8, 4),
+    _cfg(128, 128, 256, 8, 3),
+    _cfg(256, 128, 128, 8, 3, flatten=False),
+    _cfg(128, 256, 128, 8, 3, flatten=False),
+    _cfg(128, 256, 128, 8, 3, ws=True),
+    _cfg(128, 128, 128, 4, 4, ws=True),
+]
+
+
+def _check_child(indices: list[int]) -> None:
+    """Child process: compile and check each config (bf16 out, without and with outliers), print OK i."""
+    from decoding.kernels import w8a8
+
+    torch.manual_seed(0)
+    m, n, k = 2048, 4096, 4096
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+    b = torch.randint(-127, 128, (n, k), dtype=torch.int8, device="cuda")
+    sa, sb = torch.rand(m, device="cuda") * 1e-2, torch.rand(n, device="cuda") * 1e-2
+    ref = (torch._int_mm(a, b.t()).double() * sa.double()[:, None] * sb.double()[None, :]).float()
+    xo = torch.randn(m, 64, device="cuda").to(torch.bfloat16)
+    wo = torch.randint(-127, 128, (n, 64), dtype=torch.int8, device="cuda")
+    cnt = torch.tensor([5], dtype=torch.int32, device="cuda")
+    ref_o = ref + (xo[:, :5].float() @ wo[:, :5].float().t()) * sb[None, :]
+    for i in indices:
+        out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+        w8a8.launch_int8_gemm(a, sa, b, sb, None, out, cfg=CONFIGS[i], tma=True)
+        ok = torch.allclose(out.float(), ref, rtol=2**-7, atol=1e-3 * ref.abs().max().item())
+        w8a8.launch_int8_gemm(a, sa, b, sb, None, out, xo, wo, cnt, cfg=CONFIGS[i], tma=True)
+        ok &= torch.allclose(out.float(), ref_o, rtol=2**-7, atol=1e-3 * ref_o.abs().max().item())
+        torch.cuda.synchronize()
+        print(f"{'OK' if ok else 'WRONG'} {i}", flush=True)
+
+
+def precheck(indices: list[int], timeout: int = 240) -> dict[int, str]:
+    """Config index -> "OK" / "WRONG" / "crash" / "timeout", each config compiled in a child process
+    (one child for all; after a crash, a new child for the rest)."""
+    status: dict[int, str] = {}
+    todo = list(indices)
+    while todo:
+        cmd = [sys.executable, __file__, "--check", ",".join(map(str, todo))]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+            out, err = proc.stdout, proc.stderr
+        except subprocess.TimeoutExpired as e:
+            out, err = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), "timeout"
+        for line in out.splitlines():
+            word, _, i = line.partition(" ")
+            if word in ("OK", "WRONG"):
+                status[int(i)] = word
+        rest = [i for i in todo if i not in status]
+        if rest:  # the first unfinished one broke the child: count it out, retry the others
+            status[rest[0]] = "timeout" if err == "timeout" else "crash"
+            print(f"  config {rest[0]} {status[rest[0]]}: {(err or '').strip().splitlines()[-1:] }", flush=True)
+        todo = rest[1:]
+    return status
+
+
+def _weights(n: int, k: int):
+    return random_int8_weights(n, k, copies_for(n * k, 256 << 20))
+
+
+def _activations(m: int, k: int, outliers: bool) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(m + k)
+    x = torch.randn(m, k, device="cuda", generator=g)
+    if outliers:  # LLM.int8()-style feature outliers: a few whole columns of magnitude 10-20
+        cols = torch.randperm(k, device="cuda", generator=g)[:6]
+        x[:, cols] *= torch.linspace(10, 20, 6, device="cuda")
+    return x.to(torch.bfloat16)
+
+
+def _fmt(cfg: dict) -> str:
+    return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} s{cfg['num_stages']}"
+            + ("" if cfg["FLATTEN"] else " nf") + (" ws" if cfg["WS"] else ""))
+
+
+def run(m: int, out_path: str) -> None:
+    from decoding.kernels import w8a8
+
+    t0 = time.time()
+    print(torch.cuda.get_device_name(), torch.__version__, f"M={m}", flush=True)
+    print("precheck (child processes):", flush=True)
+    status = precheck(list(range(len(CONFIGS))))
+    good = [i for i, s in sorted(status.items()) if s == "OK"]
+    for i, cfg in enumerate(CONFIGS):
+        print(f"  cfg{i}: {_fmt(cfg):<28} {status.get(i)}")
+    print(f"precheck done in {time.time() - t0:.0f} s", flush=True)
+    results, best_table, totals = [], {}, {"bf16": 0.0, "full": 0.0, "none": 0.0, "plain": 0.0, "gemm": 0.0}
+    for name, (n, k) in SHAPES.items():
+        ws = random_weights(n, k, copies_for(2 * n * k))
+        xs = [torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for _ in ws]
+        t_bf16 = time_rotating([lambda w=w, x=x: F.linear(x, w) for w, x in zip(ws, xs)])
+        weights = _weights(n, k)
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+        sa = torch.rand(m, device="cuda") * 1e-2
+        outs = [torch.empty(m, n, dtype=torch.bfloat16, device="cuda") for _ in weights]
+
+        def gemm(cfg, tma):
+            return time_rotating([lambda q=q, s=s, o=o: w8a8.launch_int8_gemm(a, sa, q, s, None, o, cfg=cfg, tma=tma)
+                                  for (q, s), o in zip(weights, outs)])
+
+        t_old = gemm(w8a8.gemm_config(m), False)
+        cfg_us = {}
+        for i in good:
+            try:
+                cfg_us[i] = gemm(CONFIGS[i], True) * 1e6
+            except Exception as e:  # out of shared memory etc.: report, keep sweeping
+                print(f"  cfg{i}: {type(e).__name__}: {str(e)[:120]}")
+        t_table = gemm(None, True)
+        best = min(cfg_us, key=cfg_us.get) if cfg_us else None
+        best_cfg = CONFIGS[best] if best is not None else w8a8.tma_config(m, n, k)
+        best_table[(n, k)] = best_cfg
+        w8a8.TMA_CONFIGS[(n, k)] = best_cfg  # the full linear below runs the sweep's winner
+        x_out, x_none = _activations(m, k, True), _activations(m, k, False)
+        full = lambda x, thr: time_rotating([lambda q=q, s=s: w8a8.w8a8_linear(x, q, s, None, thr, 64)  # noqa: E731
+                                             for q, s in weights])
+        t_full, t_none, t_plain = full(x_out, 6.0), full(x_none, 6.0), full(x_out, 0.0)
+
+        def prep():
+            _, idx, cnt, keep = w8a8.absmax_plan(x_out, 6.0, 64)
+            w8a8.quantize(x_out, keep, cnt, idx, weights[0][0])
+
+        t_prep = time_rotating([prep] * 8)
+        gemm_best = min(cfg_us.values()) / 1e6 if cfg_us else t_table
+        row = dict(name=name, n=n, k=k, m=m, bf16_us=t_bf16 * 1e6, old_gemm_us=t_old * 1e6, cfg_us=cfg_us,
+                   table_gemm_us=t_table * 1e6, best=best, best_cfg=best_cfg, full_us=t_full * 1e6,
+                   no_outlier_cols_us=t_none * 1e6, threshold0_us=t_plain * 1e6, prep_us=t_prep * 1e6)
+        results.append(row)
+        for key, t in (("bf16", t_bf16), ("full", t_full), ("none", t_none), ("plain", t_plain), ("gemm", gemm_best)):
+            totals[key] += t
+        r = lambda t: t_bf16 / t  # noqa: E731
+        print(f"\n{name} {n}x{k} M={m}: bf16 {t_bf16 * 1e6:.1f} us | old int8 GEMM {t_old * 1e6:.1f} ({r(t_old):.2f}x)"
+              f" | TMA table {t_table * 1e6:.1f} ({r(t_table):.2f}x)")
+        for i, us in sorted(cfg_us.items(), key=lambda kv: kv[1]):
+            print(f"    cfg{i} {_fmt(CONFIGS[i]):<28} {us:8.1f} us  {t_bf16 * 1e6 / us:5.2f}x"
+                  + ("   <- best" if i == best else ""))
+        print(f"  W8A8 linear: 6 outlier cols {t_full * 1e6:.1f} us ({r(t_full):.2f}x); none over 6.0 "
+              f"{t_none * 1e6:.1f} ({r(t_none):.2f}x); threshold 0 {t_plain * 1e6:.1f} ({r(t_plain):.2f}x); "
+              f"prep alone {t_prep * 1e6:.1f} us", flush=True)
+    b = totals["bf16"]
+    print(f"\n8B layer, 4 projections at M={m}: bf16 {b * 1e6:.0f} us; best int8 GEMMs {totals['gemm'] * 1e6:.0f} "
+          f"({b / totals['gemm']:.2f}x); W8A8 linear {totals['full'] * 1e6:.0f} ({b / totals['full']:.2f}x), "
+          f"no outlier cols {totals['none'] * 1e6:.0f} ({b / totals['none']:.2f}x), threshold 0 "
+          f"{totals['plain'] * 1e6:.0f} ({b / totals['plain']:.2f}x)")
+    print("\n# paste into kernels/w8a8.py:\nTMA_CONFIGS: dict[tuple[int, int], dict] = {")
+    for (n, k), cfg in best_table.items():
+        print(f"    ({n}, {k}): {cfg!r},")
+    print("}")
+    Path(out_path).write_text(json.dumps(dict(m=m, device=torch.cuda.get_device_name(), configs=CONFIGS,
+                                              precheck=status, shapes=results,
+                                              totals_us={k: v * 1e6 for k, v in totals.items()}), indent=1))
+    print(f"wrote {out_path} in {time.time() - t0:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "tune_w8a8.json"))
+    parser.add_argument("--check", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.check is not None:
+        _check_child([int(i) for i in args.check.split(",")])
+    else:
+        run(args.tokens, args.out)
+
+
+if __name__ == "__main__":
+    main()

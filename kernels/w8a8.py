@@ -1,0 +1,487 @@
+"""W8A8 with LLM.int8()'s decomposition in Triton: the int8 GEMMs and the kernels that prepare their inputs.
+
+At 2048 tokens the linear is four launches (benches/NOTES.md, INT8, lists their bytes):
+1. a memset of a [K + 1] int32 workspace;
+2. `_absmax_plan_kernel`: the column abs-max (atomic max on the fp32 bits), and in the last program to
+   finish (a ticket counter) the outlier plan: the columns over the threshold, or when more than KO
+   exceed it only those above the (KO+1)-th largest maximum (bisection on the bits), their count, and a
+   keep flag per column;
+3. `_quantize_kernel`: per-token int8 with the outlier columns zeroed, the outlier columns' 16-bit
+   activations [M, KO], and the same int8 weight columns gathered into a dense [N, KO] block (only the
+   first `count` columns: none at all when no column exceeds the threshold);
+4. the GEMM: int8 `tl.dot` with int32 accumulation; in the epilogue, a_scale, then the 16-bit dot of the
+   outlier columns accumulated into the same registers, b_scale, bias. From TMA_MIN_TOKENS tokens on a
+   GPU with TMA (sm_90+), `_int8_gemm_tma_kernel`: persistent, tensor-descriptor loads and stores, grouped
+   tile order; its tiles come from TMA_CONFIGS (benches/tune_w8a8.py sweeps them). Otherwise, and under
+   the interpreter unless asked for, the pointer-based `_int8_gemm_kernel`.
+No host syncs: the number of outlier columns is fixed (KO) and the kernels read the live count on device.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Columns of the outlier blocks in the GEMM epilogue: the smallest K of a 16-bit wgmma.
+BLOCK_O = 16
+# From this many tokens the persistent TMA kernel runs (smaller M: too few tiles to fill 132 SMs).
+TMA_MIN_TOKENS = 256
+
+
+@triton.jit
+def _round_half_away(v):
+    return tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
+
+
+@triton.jit
+def _tile_coords(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    # Grouped ordering: GROUP_M row-tiles share each column tile while it is in L2.
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = min(num_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_rows, (tile % per_group) // group_rows
+
+
+@triton.jit
+def _outlier_epilogue(y, xo_ptr, wo_ptr, stride_xo, stride_wo, n_out, offs_m, offs_n, mask_m, mask_n, j,
+                      BLOCK_O: tl.constexpr, FP32_DOT: tl.constexpr):
+    # y += x[:, outliers j..j+BLOCK_O) @ w[:, same]^T, the int8 weights exact in 16 bits.
+    offs_o = j + tl.arange(0, BLOCK_O)
+    mask_o = offs_o < n_out
+    xo = tl.load(xo_ptr + offs_m[:, None].to(tl.int64) * stride_xo + offs_o[None, :],
+                 mask=mask_m[:, None] & mask_o[None, :], other=0.0)
+    wo = tl.load(wo_ptr + offs_n[:, None].to(tl.int64) * stride_wo + offs_o[None, :],
+                 mask=mask_n[:, None] & mask_o[None, :], other=0)
+    if FP32_DOT:  # fp32 activations, and the interpreter (whose 16-bit dot is wrong)
+        return y + tl.dot(xo.to(tl.float32), tl.trans(wo.to(tl.float32)), input_precision="ieee")
+    return tl.dot(xo, tl.trans(wo.to(xo.dtype)), y)
+
+
+@triton.jit
+def _int8_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, xo_ptr, wo_ptr, cnt_ptr, M, N, K,
+                          KO, stride_xo, stride_wo, HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
+                          HAS_CNT: tl.constexpr, KO_PAD: tl.constexpr, OUT_INT32: tl.constexpr,
+                          FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+                          SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                          BLOCK_O: tl.constexpr):
+    # Persistent: NUM_SMS programs walk the tiles in grouped order. TMA zero-fills loads past M, N, K
+    # and clips stores, so tails need no masks in the main loop.
+    start = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    n_out = KO
+    if HAS_CNT:  # the live number of outlier columns (the rest of the KO slots are not written)
+        n_out = tl.load(cnt_ptr)
+    tile_c = start - NUM_SMS  # a second counter for the epilogue, as in Triton's persistent matmul tutorial
+    for tile in tl.range(start, num_m * num_n, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for ki in range(k_tiles):
+            a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
+            b = b_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        tile_c += NUM_SMS
+        pid_m, pid_n = _tile_coords(tile_c, num_m, num_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        if OUT_INT32:
+            c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], acc)
+        else:
+            y = acc.to(tl.float32) * tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+            if HAS_OUTLIERS:  # a static unroll with a guard: no inner loop in the persistent body
+                for j in tl.static_range(0, KO_PAD, BLOCK_O):
+                    if j < n_out:
+                        y = _outlier_epilogue(y, xo_ptr, wo_ptr, stride_xo, stride_wo, n_out, offs_m, offs_n,
+                                              mask_m, mask_n, j, BLOCK_O, FP32_DOT)
+            y = y * tl.load(sb_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            if SUBTILE:  # two half-width stores: half the shared-memory staging, one more pipeline stage
+                y = tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+                y0, y1 = tl.split(y)
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y0.to(c_desc.dtype))
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], y1.to(c_desc.dtype))
+            else:
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
+
+
+@triton.jit
+def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, wo_ptr, cnt_ptr, M, N, K, KO,
+                      stride_am, stride_om, stride_xo, stride_wo, HAS_BIAS: tl.constexpr,
+                      HAS_OUTLIERS: tl.constexpr, HAS_CNT: tl.constexpr, OUT_INT32: tl.constexpr,
+                      FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCK_O: tl.constexpr, GROUP_M: tl.constexpr):
+    # One tile per program, pointer loads: any alignment, and the interpreter.
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0)
+        b = tl.load(b_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0)
+        acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    out_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if OUT_INT32:
+        tl.store(out_ptrs, acc, mask=out_mask)
+    else:
+        y = acc.to(tl.float32) * tl.load(sa_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        if HAS_OUTLIERS:
+            n_out = KO
+            if HAS_CNT:
+                n_out = tl.load(cnt_ptr)
+            for j in range(0, n_out, BLOCK_O):
+                y = _outlier_epilogue(y, xo_ptr, wo_ptr, stride_xo, stride_wo, n_out, offs_m, offs_n, mask_m,
+                                      mask_n, j, BLOCK_O, FP32_DOT)
+        y = y * tl.load(sb_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _count_above(ws_ptr, K, t_bits, BLOCK: tl.constexpr):
+    count = 0
+    for k in range(0, K, BLOCK):
+        cols = k + tl.arange(0, BLOCK)
+        bits = tl.load(ws_ptr + cols, mask=cols < K, other=0, volatile=True)
+        count += tl.sum((bits > t_bits).to(tl.int32), axis=0)
+    return count
+
+
+@triton.jit
+def _plan(ws_ptr, idx_ptr, cnt_ptr, keep_ptr, K, KO, threshold_bits, BLOCK: tl.constexpr, KO_PAD: tl.constexpr):
+    # Column maxima are non-negative, so they order as their int32 bit patterns: a bisection on the bits
+    # finds the smallest cut t >= threshold with at most KO columns above it (the (KO+1)-th largest
+    # maximum when more than KO exceed the threshold; a tie at the cut drops the tied columns). Then the
+    # columns above t in column order (a running prefix count), their number, and a keep flag per column.
+    # Volatile loads: the maxima were written by other programs' atomics.
+    t_bits = threshold_bits
+    if _count_above(ws_ptr, K, threshold_bits, BLOCK) > KO:  # the usual case skips the 31 passes
+        lo = threshold_bits
+        hi = 0x7F800000  # +inf: nothing is above it
+        for _ in range(31):
+            mid = lo + (hi - lo) // 2
+            ok = _count_above(ws_ptr, K, mid, BLOCK) <= KO
+            hi = tl.where(ok, mid, hi)
+            lo = tl.where(ok, lo, mid)
+        t_bits = hi
+    count = 0
+    for k in range(0, K, BLOCK):
+        cols = k + tl.arange(0, BLOCK)
+        bits = tl.load(ws_ptr + cols, mask=cols < K, other=0, volatile=True)
+        hit = (bits > t_bits) & (cols < K)
+        pos = count + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+        tl.store(idx_ptr + pos, cols.to(tl.int64), mask=hit)
+        tl.store(keep_ptr + cols, tl.where(hit, 0, 1).to(tl.int8), mask=cols < K)
+        count += tl.sum(hit.to(tl.int32), axis=0)
+    slots = tl.arange(0, KO_PAD)
+    tl.store(idx_ptr + slots, tl.zeros([KO_PAD], dtype=tl.int64), mask=(slots >= count) & (slots < KO))
+    tl.store(cnt_ptr, count)
+
+
+@triton.jit
+def _absmax_plan_kernel(x_ptr, stride_xm, ws_ptr, idx_ptr, cnt_ptr, keep_ptr, M, K, KO, threshold_bits,
+                        PLAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PLAN_BLOCK: tl.constexpr,
+                        KO_PAD: tl.constexpr):
+    # ws: [K + 1] int32, zeroed: the column maxima as fp32 bits (non-negative floats order as their
+    # int32 patterns, so an integer atomic max does it), then the ticket counter.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
+    x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+    amax = tl.max(tl.abs(x.to(tl.float32)), axis=0)
+    tl.atomic_max(ws_ptr + offs_k, amax.to(tl.int32, bitcast=True), mask=offs_k < K)
+    if PLAN:
+        # The last program to take a ticket runs the plan: every maximum is in by then (each program's
+        # atomics are ordered before its acq_rel ticket by the barrier, as in CUDA's threadfence reduction).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ws_ptr + K, 1, sem="acq_rel")
+        if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
+            _plan(ws_ptr, idx_ptr, cnt_ptr, keep_ptr, K, KO, threshold_bits, PLAN_BLOCK, KO_PAD)
+
+
+@triton.jit
+def _load_row(x_row, keep_ptr, cols, K, APPLY_KEEP: tl.constexpr, use_keep):
+    x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
+    if APPLY_KEEP:  # masked off entirely (no traffic) when no column is an outlier
+        keep = tl.load(keep_ptr + cols, mask=(cols < K) & use_keep, other=1)
+        x = tl.where(keep != 0, x, 0.0)
+    return x
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, stride_xm, keep_ptr, cnt_ptr, idx_ptr, w_ptr, q_ptr, s_ptr, xo_ptr, wo_ptr, M, N, K,
+                     KO, APPLY_KEEP: tl.constexpr, HAS_CNT: tl.constexpr, GATHER: tl.constexpr,
+                     BLOCK: tl.constexpr, SINGLE: tl.constexpr, KO_PAD: tl.constexpr, W_ROWS: tl.constexpr):
+    # Program p: token p (if p < M), and with GATHER also weight rows [p * W_ROWS, (p + 1) * W_ROWS).
+    pid = tl.program_id(0)
+    use_keep = True
+    if HAS_CNT:
+        n_out = tl.load(cnt_ptr)
+        use_keep = n_out > 0
+    if pid < M:
+        row = pid.to(tl.int64)
+        x_row = x_ptr + row * stride_xm
+        if SINGLE:  # the whole row stays in registers between the max and the rounding
+            cols = tl.arange(0, BLOCK)
+            x = _load_row(x_row, keep_ptr, cols, K, APPLY_KEEP, use_keep)
+            amax_row = tl.max(tl.abs(x), axis=0)
+        else:
+            amax = tl.zeros([BLOCK], dtype=tl.float32)
+            for k in range(0, K, BLOCK):
+                xk = _load_row(x_row, keep_ptr, k + tl.arange(0, BLOCK), K, APPLY_KEEP, use_keep)
+                amax = tl.maximum(amax, tl.abs(xk))
+            amax_row = tl.max(amax, axis=0)
+        # Rounding is half away from zero and 127 / amax an IEEE division (div_rn): the reference's values.
+        nonzero = amax_row > 0
+        tl.store(s_ptr + row, tl.where(nonzero, tl.math.div_rn(amax_row, 127.0), 1.0))
+        inv = tl.where(nonzero, tl.math.div_rn(127.0, tl.where(nonzero, amax_row, 1.0)), 1.0)
+        if SINGLE:
+            q = tl.minimum(tl.maximum(_round_half_away(x * inv), -127), 127)
+            tl.store(q_ptr + row * K + cols, q.to(tl.int8), mask=cols < K)
+        else:
+            for k in range(0, K, BLOCK):
+                cols = k + tl.arange(0, BLOCK)
+                xk = _load_row(x_row, keep_ptr, cols, K, APPLY_KEEP, use_keep)
+                q = tl.minimum(tl.maximum(_round_half_away(xk * inv), -127), 127)
+                tl.store(q_ptr + row * K + cols, q.to(tl.int8), mask=cols < K)
+        if GATHER:  # the outlier columns' 16-bit activations (only the live ones are written)
+            slots = tl.arange(0, KO_PAD)
+            live = slots < n_out
+            cols_o = tl.load(idx_ptr + slots, mask=live, other=0)
+            tl.store(xo_ptr + row * KO + slots, tl.load(x_row + cols_o, mask=live, other=0.0), mask=live)
+    if GATHER:  # the same columns of the int8 weights, dense: scattered bytes read once per call, not per tile
+        slots = tl.arange(0, KO_PAD)
+        live = slots < n_out
+        cols_o = tl.load(idx_ptr + slots, mask=live, other=0)
+        rows = pid * W_ROWS + tl.arange(0, W_ROWS)
+        wmask = (rows < N)[:, None] & live[None, :]
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols_o[None, :], mask=wmask, other=0)
+        tl.store(wo_ptr + rows[:, None].to(tl.int64) * KO + slots[None, :], w, mask=wmask)
+
+
+# ----------------------------------------------------------------------------- tile configs
+# Persistent TMA GEMM at >= 1024 tokens, by (N, K): the H100 winners of benches/tune_w8a8.py (it prints
+# this table). Keys: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SUBTILE, FLATTEN, WS.
+TMA_CONFIGS: dict[tuple[int, int], dict] = {}
+TMA_DEFAULT = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, SUBTILE=True,
+                   FLATTEN=True, WS=False)
+# Below 1024 tokens: 128-wide tiles, twice as many for the SMs to share.
+TMA_MID = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, SUBTILE=False,
+               FLATTEN=True, WS=False)
+_SMEM_LIMIT = 227 * 1024
+
+
+def tma_config(M: int, N: int, K: int) -> dict:
+    if _INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1, SUBTILE=True,
+                    FLATTEN=True, WS=False)
+    if M >= 1024:
+        return TMA_CONFIGS.get((N, K), TMA_DEFAULT)
+    return TMA_MID
+
+
+def gemm_config(M: int) -> dict:
+    """Tiles of the pointer-based GEMM by M (H100 sweeps, benches/NOTES.md, INT8); tiny under the interpreter."""
+    if _INTERPRET:
+        return dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, num_warps=4, num_stages=1)
+    if M <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, GROUP_M=8, num_warps=4, num_stages=4)
+    if M <= 256:
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def smem_bytes(cfg: dict, out_bytes: int, has_outliers: bool) -> int:
+    """Shared memory of the TMA kernel: the pipeline stages, the store staging, the outlier dot's operands."""
+    stages = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"]
+    staging = cfg["BLOCK_M"] * cfg["BLOCK_N"] * out_bytes // (2 if cfg["SUBTILE"] else 1)
+    outliers = (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * BLOCK_O * 2 if has_outliers else 0
+    return stages + staging + outliers + 1024
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def _has_tma(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def tma_ok(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether the TMA kernel can take these operands: 16-byte aligned bases and row strides."""
+    tensors = (a, b, out)
+    return (all(t.stride(1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+                for t in tensors)
+            and (_INTERPRET or (a.is_cuda and _has_tma(a.device.index or 0))))
+
+
+def _launch_tma(a, a_scale, b, b_scale, bias, out, x_out, w_out, cnt, cfg: dict) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    (M, K), N = a.shape, b.shape[0]
+    has_outliers = x_out is not None and x_out.shape[1] > 0
+    out_int32 = out.dtype == torch.int32
+    cfg = dict(cfg)
+    subtile = cfg.pop("SUBTILE") and not out_int32
+    flatten, ws = cfg.pop("FLATTEN"), cfg.pop("WS")
+    fit = dict(cfg, SUBTILE=subtile)
+    while cfg["num_stages"] > 2 and smem_bytes(fit, out.element_size(), has_outliers) > _SMEM_LIMIT:
+        cfg["num_stages"] -= 1
+        fit["num_stages"] -= 1
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    num_sms = 3 if _INTERPRET else _num_sms(a.device.index or 0)
+    grid = (min(num_sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
+    ko = x_out.shape[1] if has_outliers else 0
+    wrap_triton(_int8_gemm_tma_kernel)[grid](
+        TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
+        TensorDescriptor.from_tensor(out, [bm, bn // 2 if subtile else bn]), a_scale, b_scale,
+        bias if bias is not None else b_scale, x_out if has_outliers else a_scale,
+        w_out if has_outliers else a_scale, cnt if cnt is not None else a_scale, M, N, K, ko,
+        x_out.stride(0) if has_outliers else 0, w_out.stride(0) if has_outliers else 0,
+        HAS_BIAS=bias is not None, HAS_OUTLIERS=has_outliers, HAS_CNT=cnt is not None,
+        KO_PAD=max(BLOCK_O, triton.next_power_of_2(ko)), OUT_INT32=out_int32,
+        FP32_DOT=_INTERPRET or (has_outliers and x_out.dtype == torch.float32), NUM_SMS=num_sms, SUBTILE=subtile,
+        FLATTEN=flatten, WARP_SPECIALIZE=ws, BLOCK_O=BLOCK_O, **cfg)
+
+
+def launch_int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                     bias: torch.Tensor | None, out: torch.Tensor, x_out: torch.Tensor | None = None,
+                     w_out: torch.Tensor | None = None, cnt: torch.Tensor | None = None, cfg: dict | None = None,
+                     tma: bool | None = None) -> None:
+    """out = b_scale * (a_scale * (a @ b^T) + x_out @ w_out^T) + bias (raw a @ b^T when out is int32).
+
+    a [M, K] int8 (row stride any), b [N, K] int8 contiguous, w_out [N, KO] int8 (b's outlier columns),
+    x_out [M, KO] 16-bit; cnt: optional int32 [1] on device, the number of live outlier columns (the
+    others are never read). tma None: the persistent TMA kernel from TMA_MIN_TOKENS tokens when the
+    device and alignment allow it (never under the interpreter); True forces it, False the pointer kernel.
+    cfg: tile config of the chosen kernel (default tma_config / gemm_config).
+    """
+    (M, K), N = a.shape, b.shape[0]
+    if tma is None:
+        tma = not _INTERPRET and M >= TMA_MIN_TOKENS and tma_ok(a, b, out)
+    if tma:
+        _launch_tma(a, a_scale, b, b_scale, bias, out, x_out, w_out, cnt, cfg or tma_config(M, N, K))
+        return
+    cfg = cfg or gemm_config(M)
+    has_outliers = x_out is not None and x_out.shape[1] > 0
+    wrap_triton(_int8_gemm_kernel)[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)](
+        a, b, out, a_scale, b_scale, bias if bias is not None else b_scale, x_out if has_outliers else a_scale,
+        w_out if has_outliers else a_scale, cnt if cnt is not None else a_scale, M, N, K,
+        x_out.shape[1] if has_outliers else 0, a.stride(0), out.stride(0), x_out.stride(0) if has_outliers else 0,
+        w_out.stride(0) if has_outliers else 0, HAS_BIAS=bias is not None, HAS_OUTLIERS=has_outliers,
+        HAS_CNT=cnt is not None, OUT_INT32=out.dtype == torch.int32,
+        FP32_DOT=_INTERPRET or (has_outliers and x_out.dtype == torch.float32), BLOCK_O=BLOCK_O, **cfg)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def _threshold_bits(threshold: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", threshold))[0]
+
+
+def absmax_plan(x: torch.Tensor, threshold: float, ko: int, plan: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Column abs-max of x [M, K] and, with plan, the outlier plan, in one launch (after one memset).
+
+    Returns (amax fp32 [K], idx int64 [ko]: the outlier columns in increasing order then zeros,
+    count int32 [1]: how many, keep int8 [K]: 0 for an outlier column, else 1), as
+    `reference.outlier_columns_ref` (threshold > 0, ko >= 1). Without plan only amax is filled.
+    """
+    M, K = x.shape
+    ws = torch.zeros(K + 1, dtype=torch.int32, device=x.device)
+    idx = torch.empty(ko, dtype=torch.int64, device=x.device)
+    cnt = torch.empty(1, dtype=torch.int32, device=x.device)
+    keep = torch.empty(K, dtype=torch.int8, device=x.device)
+    if M > 0:
+        block_m, block_k = (16, 64) if _INTERPRET else (64, 128)
+        wrap_triton(_absmax_plan_kernel)[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
+            x, x.stride(0), ws, idx, cnt, keep, M, K, ko, _threshold_bits(threshold), PLAN=plan,
+            BLOCK_M=block_m, BLOCK_K=block_k, PLAN_BLOCK=min(triton.next_power_of_2(K), 1024 if _INTERPRET else 4096),
+            KO_PAD=max(16, triton.next_power_of_2(ko)), num_warps=4)
+    return ws[:K].view(torch.float32), idx, cnt, keep
+
+
+def quantize(x: torch.Tensor, keep: torch.Tensor | None = None, cnt: torch.Tensor | None = None,
+             idx: torch.Tensor | None = None, w: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Per-token int8 of x [M, K] with the columns where keep [K] (int8) is 0 zeroed: (q, scale, x_out, w_out).
+
+    With cnt/idx/w (the plan and the int8 weights [N, K]), also the first cnt outlier columns of x
+    ([M, KO], x's dtype) and of w ([N, KO] int8); slots past cnt are left unwritten, and keep is not read
+    at all when cnt is 0.
+    """
+    M, K = x.shape
+    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
+    scale = torch.empty(M, dtype=torch.float32, device=x.device)
+    gather = w is not None
+    ko, n = (idx.shape[0], w.shape[0]) if gather else (0, 0)
+    x_out = torch.empty(M, ko, dtype=x.dtype, device=x.device) if gather else None
+    w_out = torch.empty(n, ko, dtype=torch.int8, device=x.device) if gather else None
+    w_rows = 16
+    programs = max(M, triton.cdiv(n, w_rows)) if gather else M
+    if programs == 0:
+        return q, scale, x_out, w_out
+    # Whole rows in registers up to 8192 columns; longer rows (14336) stream twice in 4096-wide blocks.
+    block = min(triton.next_power_of_2(K), 1024 if _INTERPRET else (8192 if K <= 8192 else 4096))
+    dummy = scale
+    wrap_triton(_quantize_kernel)[(programs,)](
+        x, x.stride(0), keep if keep is not None else dummy, cnt if cnt is not None else dummy,
+        idx if gather else dummy, w if gather else dummy, q, scale, x_out if gather else dummy,
+        w_out if gather else dummy, M, n, K, ko, APPLY_KEEP=keep is not None, HAS_CNT=cnt is not None,
+        GATHER=gather, BLOCK=block, SINGLE=block >= K, KO_PAD=max(16, triton.next_power_of_2(ko)), W_ROWS=w_rows,
+        num_warps=max(1, min(16, block // 512)))
+    return q, scale, x_out, w_out
+
+
+def outlier_plan(x: torch.Tensor, threshold: float, ko: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(idx [ko] int64, keep [ko] bool, col_mask [K] fp32) exactly as `reference.outlier_columns_ref` and
+    the mask that `reference.w8a8_linear_ref` builds (for tests; the linear uses absmax_plan's buffers)."""
+    _, idx, cnt, keep = absmax_plan(x, threshold, ko)
+    return idx, torch.arange(ko, device=x.device) < cnt, keep.float()
+
+
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                threshold: float = 6.0, max_outliers: int = 64) -> torch.Tensor:
+    """W8A8 linear with LLM.int8()'s outlier decomposition, as `decoding.reference.w8a8_linear_ref`.
+
+    x [M, K] 16-bit (or fp32), qweight [N, K] int8, w_scale [N] fp32 -> [M, N] in x's dtype. See the
+    module docstring for the launches.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D, got shape {tuple(x.shape)}")
+    x = x if x.stride(1) == 1 else x.contiguous()
+    (M, K), N = x.shape, qweight.shape[0]
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 0 or N == 0:
+        return out
+    ko = min(max_outliers, K) if threshold > 0 else 0
+    if ko == 0:
+        q, s, _, _ = quantize(x)
+        launch_int8_gemm(q, s, qweight, w_scale, bias, out)
+        return out
+    _, idx, cnt, keep = absmax_plan(x, threshold, ko)
+    q, s, x_out, w_out = quantize(x, keep, cnt, idx, qweight)
+    launch_int8_gemm(q, s, qweight, w_scale, bias, out, x_out, w_out, cnt)
+    return out
