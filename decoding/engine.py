@@ -183,6 +183,17 @@ class Engine:
             self._cond.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+            if thread.is_alive():
+                return
+        self._release()
+
+    def _release(self) -> None:
+        """Free the KV pool (and the graphs over it) this engine allocated, so that a closed Generator holds
+        no GPU memory even while something still references it."""
+        runner = self.runner
+        if self.scheduler is not None and runner.cache is not None and runner.cache.pool is self.scheduler.pool:
+            runner.cache = runner._graphs = None
+        self.sampler = None
 
     def metrics_snapshot(self) -> dict:
         m, now = self.metrics, time.perf_counter()

@@ -172,7 +172,7 @@ class ModelRunner:
 
     def record_tokens(self, tokens: torch.Tensor) -> None:
         """Keep the tokens just drawn on the device, [n] ints, for the next step's prev_rows (stream-ordered)."""
-        self.prev_tokens[: tokens.shape[0]].copy_(tokens)
+        self.prev_tokens[: tokens.shape[0]].copy_(tokens.clamp(min=0))  # -1 (a failed row): any valid id
 
     def id_sources(self, prev_rows: list[int] | None, n: int) -> list[int]:
         """Per input token, where resolve_ids finds it: prev_tokens[r], or entry prev_capacity + i (the

@@ -21,7 +21,7 @@ PARAMS = [
     SamplingParams(max_tokens=12, temperatures=[0.0, 0.9], n=2, seed=4, ignore_eos=True),
     SamplingParams(max_tokens=30, temperature=1.1, seed=5, logprobs=3, ignore_eos=True),
 ]
-PROMPTS = [f"prompt number {i} " * (1 + 3 * i) for i in range(len(PARAMS))]
+PROMPTS = [f"prompt number {i} " * (1 + i) for i in range(len(PARAMS))]  # up to 96 + 30 tokens: fits 12 blocks
 
 
 @pytest.fixture(scope="module")
