@@ -283,7 +283,13 @@ def _quantize_kernel(x_ptr, stride_xm, keep_ptr, cnt_ptr, idx_ptr, w_ptr, q_ptr,
 # ----------------------------------------------------------------------------- tile configs
 # Persistent TMA GEMM at >= 1024 tokens, by (N, K): the H100 winners of benches/tune_w8a8.py (it prints
 # this table). Keys: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SUBTILE, FLATTEN, WS.
-TMA_CONFIGS: dict[tuple[int, int], dict] = {}
+# Measured by `python benches/tune_w8a8.py` on an H100 80GB HBM3 (2026-11-25), best of 8 configs each.
+TMA_CONFIGS: dict[tuple[int, int], dict] = {
+    (6144, 4096): {'BLOCK_M': 128, 'BLOCK_N': 256, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 4, 'SUBTILE': True, 'FLATTEN': True, 'WS': False},
+    (4096, 4096): {'BLOCK_M': 256, 'BLOCK_N': 128, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 4, 'SUBTILE': True, 'FLATTEN': True, 'WS': False},
+    (28672, 4096): {'BLOCK_M': 256, 'BLOCK_N': 128, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 4, 'SUBTILE': True, 'FLATTEN': True, 'WS': False},
+    (4096, 14336): {'BLOCK_M': 256, 'BLOCK_N': 128, 'BLOCK_K': 128, 'GROUP_M': 8, 'num_warps': 8, 'num_stages': 4, 'SUBTILE': True, 'FLATTEN': True, 'WS': False},
+}
 TMA_DEFAULT = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3, SUBTILE=True,
                    FLATTEN=True, WS=False)
 # Below 1024 tokens: 128-wide tiles, twice as many for the SMs to share.

@@ -61,7 +61,7 @@ def test_concurrent_requests_on_cuda_equal_alone(base, options):
     gen = Generator(base.model, base.tokenizer, **options)
     assert [_tokens(out) for out in generate_in_threads(gen, PROMPTS, PARAMS)] == alone
     assert _pool_whole(gen)
-    if "num_kv_blocks" in options:
+    if options["num_kv_blocks"] < 64:  # the preemption case
         assert gen.metrics()["preemptions_total"] > 0
     graphs = [k for k in gen.engine.sampler.fused_graphs if k != "pool"]
     # one graph per (bucket, flags) met, not one per composition: the batch changed at most steps

@@ -28,7 +28,6 @@
 #include <cuda_fp16.h>
 #include <torch/library.h>
 
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <string>
@@ -308,45 +307,29 @@ SplitSetting split_setting() {
   return setting;
 }
 
-// Blocks of `threads` (64, 128 or 256) threads of this split-kernel instance that one SM holds at once
-// (registers, shared memory), asked once per instance and block size.
-template <typename T, int M, int R, int U, bool GLU>
-int resident_blocks(int threads) {
-  static std::atomic<int> cache[3];  // by threads 64, 128, 256; 0 = not asked yet
-  const int i = threads == 64 ? 0 : (threads == 128 ? 1 : 2);
-  int n = cache[i].load(std::memory_order_relaxed);
-  if (n == 0) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, gemv_split_kernel<T, M, R, U, GLU>, threads, 0));
-    cache[i].store(n, std::memory_order_relaxed);
-  }
-  return n;
-}
-
-// Below this many row-parallel warps per SM the split kernel is taken: on an H100 the 1B projections at
-// M <= 2 give 7.75 (o, down) and 11.6 (qkv); every Llama-3-8B projection gives >= 15.5 (o, down) and keeps
-// the row-parallel kernel, which reaches 2.3-3.0 TB/s on them.
+// Below this many row-parallel warps per SM (at one activation row) the split kernel is taken: on an
+// H100 the 1B projections give 7.75 (o, down) and 11.6 (qkv); every Llama-3-8B projection gives >= 15.5
+// (o, down) and keeps the row-parallel kernel, which reaches 2.3-3.0 TB/s on them.
 constexpr int kSplitBelowWarpsPerSm = 12;
 
-// Threads per block of the split kernel for this launch, or 0 for the row-parallel kernel. The most
-// threads (256, 128, 64) such that every thread has at least U chunks of each row and the whole grid is
-// resident at once: a second, partial wave would add a full memory latency to a kernel that is mostly
-// latency. On an H100 (132 SMs, 40-48 registers a thread) the 1B matrices get 128 threads a block, or 64
-// for qkv at M = 2: 23-46 warps per SM, each thread with four 16-byte loads in flight: 47-95 KB per SM.
-template <typename T, int M, int R, int U, bool GLU>
-int pick_split_threads(int n_out, int K) {
+// Threads per block of the split kernel for this weight, or 0 for the row-parallel kernel. A row's sum
+// is taken in an order fixed by the block size alone, so the choice depends on the weight's shape and
+// never on M: a sequence gets the same bits whatever else is in the batch (and a graph padded to its
+// bucket gives what the unpadded eager step gives). 128 threads where each has at least two chunks of a
+// row (K >= 2048), else 64 (K >= 1024): on an H100 the 1B o, qkv and down projections get 128 threads,
+// 23-46 warps per SM with 2-4 16-byte loads each in flight.
+int pick_split_threads(int n_out, int K, bool glu) {
   const auto [mode, forced_threads] = split_setting();
   if (mode == SplitMode::kOff) return 0;
   if (forced_threads > 0) return forced_threads;
   int device = 0, sm_count = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  const int64_t sms = sm_count;
-  const int64_t blocks = (n_out + R - 1) / R;  // = the row-parallel kernel's warps (R rows per warp)
-  if (mode == SplitMode::kAuto && blocks >= kSplitBelowWarpsPerSm * sms) return 0;
+  const int64_t warps = glu ? n_out : (n_out + 1) / 2;  // the row-parallel kernel's warps at M <= 2
+  if (mode == SplitMode::kAuto && warps >= static_cast<int64_t>(kSplitBelowWarpsPerSm) * sm_count) return 0;
   const int chunks = K / kChunk;
-  for (const int threads : {256, 128, 64}) {
-    if (threads * U <= chunks && blocks <= resident_blocks<T, M, R, U, GLU>(threads) * sms) return threads;
-  }
+  if (chunks >= 2 * 128) return 128;
+  if (chunks >= 2 * 64) return 64;
   return mode == SplitMode::kForce ? 64 : 0;
 }
 
@@ -368,7 +351,7 @@ void launch_gemv(at::Tensor& out, const at::Tensor& x, const at::Tensor& w, cons
     constexpr int kNW = (GLU ? 2 : 1) * kR;
     static_assert(kNW == 1 || kNW == 2, "split kernel: 1 or 2 weight rows per block");
     constexpr int kSplitU = 4 / kNW;
-    const int threads = pick_split_threads<T, kM, kR, kSplitU, GLU>(n_out, K);
+    const int threads = pick_split_threads(n_out, K, GLU);
     if (threads > 0) {
       const dim3 grid(static_cast<unsigned>((n_out + kR - 1) / kR));
       launch(gemv_split_kernel<T, kM, kR, kSplitU, GLU>, grid, dim3(threads), 0, stream, y, out.stride(0), xp,

@@ -181,3 +181,25 @@ def test_cpu_linear_ops_are_torch_and_the_reference():
     assert ops.select("linear", "cpu") == "reference"
     torch.testing.assert_close(ops.linear(x, w, b), linear_ref(x, w, b))
     torch.testing.assert_close(ops.linear_silu_mul(x, w), linear_silu_mul_ref(x, w))
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("glu", [False, True], ids=["gemv", "silu_mul"])
+@pytest.mark.parametrize("shape", [(2048, 2048), (3072, 2048), (255, 2056), (6144, 4096), (1536, 576)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gemv_rows_do_not_depend_on_the_batch(shape, glu):
+    """Each row of x gets the same bits at every M (1..8): the kernel and its summation order follow the
+    weight's shape only. A decode graph padded to its bucket then gives what the unpadded step gives."""
+    n, k = shape
+    torch.manual_seed(n + k)
+    x = torch.randn(8, k, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(2 * n if glu else n, k, device="cuda") * k ** -0.5).to(torch.bfloat16)
+    op = torch.ops.decoding.gemv_silu_mul if glu else (lambda o, a, b: torch.ops.decoding.gemv(o, a, b, None))
+    alone = torch.empty(8, n, device="cuda", dtype=torch.bfloat16)
+    for i in range(8):
+        op(alone[i:i + 1], x[i:i + 1], w)
+    for m in range(2, 9):
+        out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        op(out, x[:m], w)
+        assert torch.equal(out, alone[:m]), f"M={m}"
