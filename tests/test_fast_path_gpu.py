@@ -5,8 +5,10 @@ How agreement "up to bf16 noise" is measured: truth is the reference backend in 
 weights, upcast), teacher-forced along the fast path's tokens. The reference backend in bf16 shows what
 bf16 alone costs. Logits: the fast path's relative L2 distance from truth may be at most 2x the bf16
 reference's (the ratio rule of test_model_gpu). Tokens: each greedy token of the fast path must be the
-fp32 argmax, or within the bf16 reference's own largest logit error at that step of it (a tie at bf16
-precision). Teacher forcing keeps one tie from turning the rest of a run into another continuation.
+fp32 argmax, or its fp32 logit within twice the bf16 reference's own largest logit error at that step of
+the argmax's (a tie at bf16 precision: picking B over A needs only err(A) + err(B) >= the margin, two
+errors of a bf16 computation, each up to the size the reference shows). Teacher forcing keeps one tie
+from turning the rest of a run into another continuation.
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ class Agreement:
         tok = torch.tensor(tokens, device=truth.device)
         margin = truth.max(1).values - truth.gather(1, tok[:, None])[:, 0]
         stats = {"steps": len(tokens), "fp32_argmax": int((truth.argmax(1) == tok).sum()),
-                 "beyond_noise": int((margin > noise).sum()), "worst_margin_over_noise": float((margin / noise).max())}
+                 "beyond_noise": int((margin > 2 * noise).sum()),
+                 "worst_margin_over_noise": float((margin / noise).max())}
         if fast_logits:
             fast = _fast_logits(self.gen.runner, prompt_ids, tokens)
             rel = lambda x: float((x - truth).norm() / truth.norm())  # noqa: E731
@@ -123,11 +126,13 @@ def test_graphed_decode_agrees_with_reference(small_gen, agreement, batch, monke
     assert gen.runner.cache.pool.num_free == gen.runner.cache.num_blocks
 
 
-def test_graphs_match_eager_fast_path_exactly_at_small_buckets(small_gen):
-    """Buckets up to 8 use the same GEMV rows whatever the padding, and the graph replays the eager
-    kernels: the same tokens as the eager fast path (attention partitions differ only past 128 tokens)."""
+@pytest.mark.parametrize("batch", [1, 2, 4])
+def test_graphs_match_eager_fast_path_exactly_at_small_buckets(small_gen, batch):
+    """At batches that fill their bucket the graph replays the eager kernels: the same tokens as the eager
+    fast path. (A padded bucket, e.g. 3 rows in the graph of 4, is not bit-exact: past ops.GEMV_MAX_ROWS
+    cuBLAS picks its kernel by M. The GEMV's rows are M-invariant: tests/kernels/test_gemv.py.)"""
     gen = small_gen
-    prompts = _prompts(3, [7, 30, 64])
+    prompts = _prompts(batch, [7, 30, 64, 21])
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, cycle_min_repeats=0)
     graphed = gen.generate(prompts, params)
     gen.runner.cuda_graphs = False
