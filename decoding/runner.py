@@ -70,7 +70,7 @@ class _DecodeGraphs:
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.cache = runner.cache
-        self.max_seq_len = min(runner.config.max_position_embeddings, self.cache.num_blocks * runner.block_size)
+        self.max_seq_len = runner.attention_bound()
         self.width = runner.blocks_for(self.max_seq_len)
         self.max_batch = GRAPH_BUCKETS[-1]
         n, w = self.max_batch, self.width
@@ -167,6 +167,11 @@ class ModelRunner:
     def blocks_for(self, num_tokens: int) -> int:
         return blocks_for(num_tokens, self.block_size)
 
+    def attention_bound(self) -> int:
+        """The longest context any sequence can reach: every step gives attention this bound, so that a
+        sequence's attention is split the same way (the same bits) in graphed, eager and mixed steps."""
+        return min(self.config.max_position_embeddings, self.cache.num_blocks * self.block_size)
+
     # Whether steps may take tokens from the device (StepInput.prev_rows): not across processes.
     takes_device_tokens = True
 
@@ -209,6 +214,7 @@ class ModelRunner:
         """Final hidden states of every new token, [len(input_ids), hidden_size] (eager)."""
         meta = AttentionMetadata.build(inp.block_tables, inp.seq_lens, inp.query_lens, self.block_size,
                                        self.device)
+        meta.max_seq_len = max(meta.max_seq_len, self.attention_bound())
         ids = torch.tensor(inp.input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
         if inp.prev_rows is not None:
             src = torch.tensor(self.id_sources(inp.prev_rows, len(inp.input_ids))).to(self.device, non_blocking=True)

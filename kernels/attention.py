@@ -178,7 +178,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                      sliding_window: int | None = None) -> torch.Tensor:
+                      sliding_window: int | None = None, max_seq_len: int | None = None) -> torch.Tensor:
     """Causal attention of several new tokens per sequence through torch's SDPA, K/V gathered from the
     paged cache (host loop over sequences: a prefill step syncs once for the lengths).
 
@@ -191,7 +191,7 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     single = [b for b in range(len(lens)) if starts[b + 1] - starts[b] == 1]
     if len(single) > 1 and q.stride(-1) == 1:
-        bound = max(lens[b] for b in single)
+        bound = max(max_seq_len or 0, max(lens[b] for b in single))  # the decode steps' partitioning
         if single[-1] == len(single) - 1:  # the scheduler puts decodes first: rows 0..d-1 are tokens 0..d-1
             d = len(single)
             out[:d] = paged_decode_attention(q[:d], k_cache, v_cache, block_tables[:d], seq_lens[:d], scale,
@@ -243,4 +243,5 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if q.shape[0] == block_tables.shape[0] and q.stride(-1) == 1:
         return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
                                       max_seq_len)
-    return prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window)
+    return prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+                             max_seq_len)
