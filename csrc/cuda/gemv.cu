@@ -88,6 +88,51 @@ __device__ __forceinline__ float round_to(float v) {
   return static_cast<float>(static_cast<T>(v));
 }
 
+// The weight rows that R output rows from row0 read: theirs, and with GLU their up rows n_out further on.
+// Rows past n_out repeat the last one (their store is skipped).
+template <typename T, int R, bool GLU>
+__device__ __forceinline__ void weight_rows(const T* (&rows)[GLU ? 2 * R : R], const T* w, int row0, int n_out,
+                                            int K) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int row = min(row0 + r, n_out - 1);
+    rows[r] = w + static_cast<int64_t>(row) * K;
+    if constexpr (GLU) rows[R + r] = w + static_cast<int64_t>(row + n_out) * K;
+  }
+}
+
+// acc[j][m] += the 8 weights wv[j] (elements k..k+7 of weight row j) times the same elements of x row m.
+template <typename T, int M, int NW>
+__device__ __forceinline__ void fma_chunk(float (&acc)[NW][M], const uint4 (&wv)[NW], const T* __restrict__ x,
+                                          int64_t ldx, int k) {
+  float xf[M][kChunk];
+#pragma unroll
+  for (int m = 0; m < M; ++m) unpack8<T>(*reinterpret_cast<const uint4*>(x + m * ldx + k), xf[m]);
+#pragma unroll
+  for (int j = 0; j < NW; ++j) {
+    float wf[kChunk];
+    unpack8<T>(wv[j], wf);
+#pragma unroll
+    for (int m = 0; m < M; ++m)
+#pragma unroll
+      for (int e = 0; e < kChunk; ++e) acc[j][m] = fmaf(wf[e], xf[m][e], acc[j][m]);
+  }
+}
+
+// One output from its fp32 dot product(s): + bias, or silu(gate) * up with the unfused ops' roundings.
+template <typename T, bool GLU>
+__device__ __forceinline__ T finish(float dot, float up_dot, const T* __restrict__ bias, int row) {
+  float y;
+  if constexpr (GLU) {
+    const float gate = round_to<T>(dot);
+    const float up = round_to<T>(up_dot);
+    y = round_to<T>(gate / (1.f + __expf(-gate))) * up;
+  } else {
+    y = dot + (bias != nullptr ? static_cast<float>(bias[row]) : 0.f);
+  }
+  return static_cast<T>(y);
+}
+
 // M activation rows, R output rows per warp, U 16-byte chunks in flight per lane and weight row.
 template <typename T, int M, int R, int U, bool GLU>
 __global__ void __launch_bounds__(kWarps * kWarpSize)
@@ -102,12 +147,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
     return;
   }
   const T* rows[NW];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int row = min(row0 + r, n_out - 1);  // tail rows repeat the last one; their store is skipped
-    rows[r] = w + static_cast<int64_t>(row) * K;
-    if constexpr (GLU) rows[R + r] = w + static_cast<int64_t>(row + n_out) * K;
-  }
+  weight_rows<T, R, GLU>(rows, w, row0, n_out, K);
   float acc[NW][M];
 #pragma unroll
   for (int j = 0; j < NW; ++j)
@@ -134,18 +174,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
     for (int u = 0; u < U; ++u) {
       const int k = base + u * kStep;
       if (k >= K) break;
-      float xf[M][kChunk];
-#pragma unroll
-      for (int m = 0; m < M; ++m) unpack8<T>(*reinterpret_cast<const uint4*>(x + m * ldx + k), xf[m]);
-#pragma unroll
-      for (int j = 0; j < NW; ++j) {
-        float wf[kChunk];
-        unpack8<T>(wv[u][j], wf);
-#pragma unroll
-        for (int m = 0; m < M; ++m)
-#pragma unroll
-          for (int e = 0; e < kChunk; ++e) acc[j][m] = fmaf(wf[e], xf[m][e], acc[j][m]);
-      }
+      fma_chunk<T, M, NW>(acc, wv[u], x, ldx, k);
     }
   }
 #pragma unroll
@@ -158,17 +187,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
     const int row = row0 + r;
     if (row >= n_out) break;
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      float y;
-      if constexpr (GLU) {
-        const float gate = round_to<T>(acc[r][m]);
-        const float up = round_to<T>(acc[R + r][m]);
-        y = round_to<T>(gate / (1.f + __expf(-gate))) * up;
-      } else {
-        y = acc[r][m] + (bias != nullptr ? static_cast<float>(bias[row]) : 0.f);
-      }
-      out[m * ldo + row] = static_cast<T>(y);
-    }
+    for (int m = 0; m < M; ++m) out[m * ldo + row] = finish<T, GLU>(acc[r][m], acc[GLU ? R + r : r][m], bias, row);
   }
 }
 
@@ -183,12 +202,7 @@ __global__ void __launch_bounds__(kSplitMaxThreads)
   trigger_dependents();
   const int row0 = blockIdx.x * R;
   const T* rows[NW];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int row = min(row0 + r, n_out - 1);  // tail rows repeat the last one; their store is skipped
-    rows[r] = w + static_cast<int64_t>(row) * K;
-    if constexpr (GLU) rows[R + r] = w + static_cast<int64_t>(row + n_out) * K;
-  }
+  weight_rows<T, R, GLU>(rows, w, row0, n_out, K);
   float acc[NW][M];
 #pragma unroll
   for (int j = 0; j < NW; ++j)
@@ -215,18 +229,7 @@ __global__ void __launch_bounds__(kSplitMaxThreads)
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * stride;
       if (c >= chunks) break;
-      float xf[M][kChunk];
-#pragma unroll
-      for (int m = 0; m < M; ++m) unpack8<T>(*reinterpret_cast<const uint4*>(x + m * ldx + c * kChunk), xf[m]);
-#pragma unroll
-      for (int j = 0; j < NW; ++j) {
-        float wf[kChunk];
-        unpack8<T>(wv[u][j], wf);
-#pragma unroll
-        for (int m = 0; m < M; ++m)
-#pragma unroll
-          for (int e = 0; e < kChunk; ++e) acc[j][m] = fmaf(wf[e], xf[m][e], acc[j][m]);
-      }
+      fma_chunk<T, M, NW>(acc, wv[u], x, ldx, c * kChunk);
     }
   }
   if (!waited) grid_dependency_wait();  // threads with no chunk (K < 8 * blockDim.x) still write below
@@ -252,15 +255,7 @@ __global__ void __launch_bounds__(kSplitMaxThreads)
     for (int i = 0; i < warps; ++i) s += partial[i][j * M + m];
     return s;
   };
-  float y;
-  if constexpr (GLU) {
-    const float gate = round_to<T>(total(r));
-    const float up = round_to<T>(total(R + r));
-    y = round_to<T>(gate / (1.f + __expf(-gate))) * up;
-  } else {
-    y = total(r) + (bias != nullptr ? static_cast<float>(bias[row]) : 0.f);
-  }
-  out[m * ldo + row] = static_cast<T>(y);
+  out[m * ldo + row] = finish<T, GLU>(total(r), GLU ? total(R + r) : 0.f, bias, row);
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
