@@ -58,6 +58,22 @@ def stdlib_text(kbytes: int) -> tuple[str, list[str]]:
     return "\n".join(parts), names
 
 
+def prefill_hidden(gen: Generator, ids: list[int]) -> torch.Tensor:
+    """Final hidden states of every token of `ids`: one eager step over blocks of the engine's pool, taken
+    and given back on the engine thread between steps (as Generator.score does)."""
+    def job(engine) -> torch.Tensor:
+        need = gen.runner.blocks_for(len(ids))
+        engine.make_room(need)
+        pool = gen.runner.cache.pool
+        table = pool.allocate(need)
+        try:
+            return gen.runner.forward_hidden(StepInput([table], [len(ids)], ids, [len(ids)]))
+        finally:
+            pool.free(table)
+
+    return gen.engine.call(job)
+
+
 @torch.no_grad()
 def window_nll(gen: Generator, ids: list[int], window: int, desc: str) -> tuple[float, int]:
     """Sum of next-token NLL and number of predicted tokens, over non-overlapping windows of `ids`."""
@@ -67,13 +83,7 @@ def window_nll(gen: Generator, ids: list[int], window: int, desc: str) -> tuple[
         chunk = ids[s: s + window]
         if len(chunk) < 2:
             continue
-        cache = gen.runner.ensure_cache(gen.runner.blocks_for(len(chunk)))
-        table = cache.pool.allocate(gen.runner.blocks_for(len(chunk)))
-        try:
-            hidden = gen.runner.forward_hidden(StepInput([table], [len(chunk)], chunk, [len(chunk)]))
-        finally:
-            cache.pool.free(table)
-        logp = gen.model.compute_logits(hidden[:-1]).log_softmax(-1)
+        logp = gen.model.compute_logits(prefill_hidden(gen, chunk)[:-1]).log_softmax(-1)
         target = torch.tensor(chunk[1:])[:, None]
         total -= logp.gather(1, target).sum().item()
         count += len(chunk) - 1
@@ -82,13 +92,7 @@ def window_nll(gen: Generator, ids: list[int], window: int, desc: str) -> tuple[
 
 @torch.no_grad()
 def teacher_forced_agreement(gen: Generator, prompt_ids: list[int], tokens: list[int]) -> float:
-    ids = prompt_ids + tokens
-    cache = gen.runner.ensure_cache(gen.runner.blocks_for(len(ids)))
-    table = cache.pool.allocate(gen.runner.blocks_for(len(ids)))
-    try:
-        hidden = gen.runner.forward_hidden(StepInput([table], [len(ids)], ids, [len(ids)]))
-    finally:
-        cache.pool.free(table)
+    hidden = prefill_hidden(gen, prompt_ids + tokens)
     predicted = gen.model.compute_logits(hidden[len(prompt_ids) - 1: -1]).argmax(-1)
     return (predicted == torch.tensor(tokens)).float().mean().item()
 
