@@ -192,7 +192,7 @@ class Engine:
         no GPU memory even while something still references it."""
         runner = self.runner
         if self.scheduler is not None and runner.cache is not None and runner.cache.pool is self.scheduler.pool:
-            runner.cache = runner._graphs = None
+            runner.free_cache()
         self.sampler = None
 
     def metrics_snapshot(self) -> dict:

@@ -193,9 +193,13 @@ class ModelRunner:
 
     def allocate_cache(self, num_blocks: int) -> KVCache:
         """Allocate the KV cache pool once (the scheduler sizes it); later steps read and write it."""
-        self.cache = self._graphs = None  # free an old pool (and the graphs over it) before the new one
+        self.free_cache()  # an old pool (and the graphs over it) goes before the new one is made
         self.cache = KVCache(self.config, num_blocks, self.block_size, self.device, self.dtype)
         return self.cache
+
+    def free_cache(self) -> None:
+        """Drop the KV cache pool and the decode graphs captured over it."""
+        self.cache = self._graphs = None
 
     @torch.inference_mode()  # the pool may have been made under inference mode (e.g. by score())
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
