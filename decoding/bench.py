@@ -174,6 +174,7 @@ def _decode(gen, shape: str, config: ModelConfig, batch: int, prompt: int, new: 
     # Warm-up on the same batch, two tokens each: Triton compiles and the decode graph of this batch's
     # bucket is captured (the KV pool is allocated once), all before the timed run.
     gen.generate(prompts, params.replace(max_tokens=2))
+    gen.runner.cache.pool.clear_cache()  # the timed prefill computes the whole prompt, not a prefix-cache hit
     sync()
     startup_s = time.perf_counter() - t_start  # Generator creation to the first decoded tokens, cold
     copy_gbps = copy_bandwidth_gbps(dev, nbytes=(2 << 30) if dev.type == "cuda" else (64 << 20))
