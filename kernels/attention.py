@@ -178,17 +178,19 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                      sliding_window: int | None = None, max_seq_len: int | None = None) -> torch.Tensor:
-    """Causal attention of several new tokens per sequence through torch's SDPA, K/V gathered from the
-    paged cache (host loop over sequences: a prefill step syncs once for the lengths).
+                      sliding_window: int | None = None, max_seq_len: int | None = None,
+                      query_start_loc_cpu: list[int] | None = None,
+                      seq_lens_cpu: list[int] | None = None) -> torch.Tensor:
+    """Causal attention of several new tokens per sequence: a prefill step, or a mixed step of
+    continuous batching (decodes next to prefill chunks).
 
-    In a mixed step (continuous batching: decodes next to prefill chunks), the rows with one new token
-    go through the split-K decode kernel in one launch: a loop of SDPA calls over hundreds of decoding
-    sequences took most of such a step."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    The rows with one new token go through the split-K decode kernel in one launch (the same bits as a
+    graphed decode step); the others through torch's SDPA, K/V gathered from the paged cache. The step is
+    split by query_start_loc_cpu and seq_lens_cpu, host copies of those tensors; without them they are
+    read from the device (a sync)."""
     out = torch.empty_like(q)
-    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    starts = query_start_loc.tolist() if query_start_loc_cpu is None else query_start_loc_cpu
+    lens = seq_lens.tolist() if seq_lens_cpu is None else seq_lens_cpu
     single = [b for b in range(len(lens)) if starts[b + 1] - starts[b] == 1]
     if len(single) > 1 and q.stride(-1) == 1:
         bound = max(max_seq_len or 0, max(lens[b] for b in single))  # the decode steps' partitioning
@@ -196,18 +198,29 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             d = len(single)
             out[:d] = paged_decode_attention(q[:d], k_cache, v_cache, block_tables[:d], seq_lens[:d], scale,
                                              sliding_window, bound)
-        else:
-            rows = torch.tensor(single, device=q.device)
-            toks = torch.tensor([starts[b] for b in single], device=q.device)
+        else:  # host lists to the device without a sync (non_blocking from pageable memory is staged)
+            rows = torch.tensor(single).to(q.device, non_blocking=True)
+            toks = torch.tensor([starts[b] for b in single]).to(q.device, non_blocking=True)
             out[toks] = paged_decode_attention(q[toks], k_cache, v_cache, block_tables[rows], seq_lens[rows],
                                                scale, sliding_window, bound)
         done = set(single)
     else:
         done = set()
-    for b, seq_len in enumerate(lens):
+    rest = [b for b in range(len(lens)) if starts[b + 1] > starts[b] and b not in done]
+    prefill_attention_sdpa(q, k_cache, v_cache, block_tables, scale, sliding_window, starts, lens, rest, out)
+    return out
+
+
+def prefill_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, scale: float, sliding_window: int | None,
+                           starts: list[int], lens: list[int], seqs: list[int], out: torch.Tensor) -> None:
+    """Attention of sequences `seqs` (indices into the host lists starts, lens) into out, one SDPA call
+    each, K/V gathered from the paged cache (a host loop: the reference and fallback of the Triton kernel)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    for b in seqs:
+        seq_len = lens[b]
         n_q = starts[b + 1] - starts[b]
-        if n_q == 0 or b in done:
-            continue
         blocks = block_tables[b, : triton.cdiv(seq_len, block_size)].long()
         kb = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)  # [H_kv, L, D]
         vb = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
@@ -232,16 +245,17 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                     o[:, c0:c0 + 1024] = F.scaled_dot_product_attention(qb[:, c0:c0 + 1024], kb, vb,
                                                                         attn_mask=mask, scale=scale)
         out[starts[b]:starts[b + 1]] = o.transpose(0, 1)
-    return out
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                    sliding_window: int | None = None, max_seq_len: int | None = None) -> torch.Tensor:
+                    sliding_window: int | None = None, max_seq_len: int | None = None,
+                    query_start_loc_cpu: list[int] | None = None, seq_lens_cpu: list[int] | None = None
+                    ) -> torch.Tensor:
     """decoding.ops.paged_attention: the split-K kernel for decode steps (one token per sequence, decided
-    from shapes alone, so no host sync), SDPA for prefill."""
+    from shapes alone, so no host sync), prefill_attention for the others."""
     if q.shape[0] == block_tables.shape[0] and q.stride(-1) == 1:
         return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
                                       max_seq_len)
     return prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
-                             max_seq_len)
+                             max_seq_len, query_start_loc_cpu, seq_lens_cpu)
