@@ -1,4 +1,4 @@
-"""Paged GQA attention: a Triton split-K (flash-decoding) kernel for decode, SDPA for prefill.
+"""Paged GQA attention in Triton: a split-K (flash-decoding) kernel for decode, a varlen kernel for prefill.
 
 Decode (one new query token per sequence): each sequence's context is cut into at most NUM_PARTS
 partitions of at least MIN_PART tokens, sized from its own length on the device; one program per
@@ -14,8 +14,16 @@ Numerics: q·k in fp32 (tensor cores with fp32 accumulation for 16-bit inputs; I
 inputs, and for every dtype under the CPU interpreter, whose tl.dot mishandles bf16), softmax weights rounded to the value dtype before p·v (as flash attention does), output in
 q's dtype. decoding.reference.paged_attention_ref is the reference.
 
-Prefill and chunked prefill (several new tokens per sequence) gather each sequence's K/V from the
-cache and call torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
+Prefill and chunked prefill (several new tokens per sequence): one launch of _prefill_kernel for every
+sequence of the step (paged_prefill_attention, flash-attention style): one program per (query tile, KV
+head), a tile being a few query tokens of one sequence times the GROUP query heads that share the KV
+head, so K/V are read once per group straight from the paged cache; the queries are the last n_q of the
+sequence's seq_len positions (bottom-right causal alignment), sliding windows included. Tiles find their
+sequence on the device (a binary search over query_start_loc), so the launch needs no host list. In a
+mixed step (continuous batching) the one-token rows go through the decode kernel instead (the same bits as
+a graphed decode step). prefill_attention_sdpa, the older loop of torch SDPA calls over K/V gathered from
+the cache, stays as the fallback (DECODING_PREFILL_ATTENTION=sdpa) and the baseline of
+benches/bench_prefill_attention.py.
 """
 
 from __future__ import annotations

@@ -83,9 +83,12 @@ def test_padding_rows_output_zeros(bound):
     torch.testing.assert_close(got[keep], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
 @pytest.mark.parametrize("window", [None, 6])
-def test_prefill_sdpa_matches_reference(window):
-    """Prefill (9 new of 9) and chunked prefill (5 new of 12 tokens: the mask is offset) through SDPA."""
+def test_prefill_matches_reference(window, backend, monkeypatch):
+    """Prefill (9 new of 9) and chunked prefill (5 new of 12 tokens: the mask is offset) through the Triton
+    prefill kernel and through SDPA (tests/kernels/test_prefill_attention.py has the kernel's own cases)."""
+    monkeypatch.setenv("DECODING_PREFILL_ATTENTION", backend)
     q, k, v, tables, lens = _setup(4, 2, 32, [9, 12], torch.float32)
     q = torch.randn(14, 4, 32, device=DEVICE)
     starts = torch.tensor([0, 9, 14], dtype=torch.int32, device=DEVICE)

@@ -24,8 +24,9 @@ BLOCK = 16
 # (num_heads, num_kv_heads, head_dim, [(cached tokens, new tokens) per sequence], window)
 CASES = [
     # group 2; a whole prompt, a 1-token chunk next to longer ones, lengths off the block (16) and tile
-    # (8 query tokens x 2 heads on CPU) sizes, a chunk of exactly one block after one block
-    (4, 2, 64, [(0, 37), (20, 1), (45, 13), (16, 16), (3, 5)], None),
+    # (8 query tokens x 2 heads on CPU) sizes, a chunk of exactly one block after one block, a tile whose
+    # last query sits on the first key of a key step (9 + 7 = 16)
+    (4, 2, 64, [(0, 37), (20, 1), (45, 13), (16, 16), (3, 5), (9, 12)], None),
     (4, 4, 64, [(0, 23), (31, 9)], None),  # MHA: group 1
     (6, 2, 128, [(0, 19), (40, 7)], None),  # group 3, padded to 4 rows a token; head_dim 128
     (8, 1, 64, [(0, 20), (33, 2)], 7),  # MQA (group 8) with a sliding window
@@ -52,7 +53,7 @@ def setup(num_heads, num_kv_heads, head_dim, chunks, dtype, device=DEVICE, block
     v = torch.randn(num_blocks, block, num_kv_heads, head_dim, generator=g).to(device, dtype)
     qkv = torch.randn(starts[-1], (num_heads + 2 * num_kv_heads) * head_dim, generator=g).to(device, dtype)
     q = qkv[:, : num_heads * head_dim].view(starts[-1], num_heads, head_dim)
-    as_dev = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    as_dev = lambda x: torch.tensor(x, dtype=torch.int32, device=device)
     return q, k, v, as_dev(tables), as_dev(seq_lens), as_dev(starts), starts, seq_lens
 
 
