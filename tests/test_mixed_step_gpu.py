@@ -12,13 +12,18 @@ from decoding.runner import ModelRunner, StepInput
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.fixture(scope="module")
-def runner():
+def tiny_runner(dtype: torch.dtype) -> ModelRunner:
     config = preset_config("tiny")
-    model = build_model(config, torch.device("cuda"), torch.bfloat16)
-    load_weights(model, random_tensors(config, torch.device("cuda"), torch.bfloat16, 0))
+    model = build_model(config, torch.device("cuda"), dtype)
+    load_weights(model, random_tensors(config, torch.device("cuda"), dtype, 0))
     runner = ModelRunner(model, block_size=16)
     runner.allocate_cache(256)
+    return runner
+
+
+@pytest.fixture(scope="module")
+def runner():
+    runner = tiny_runner(torch.bfloat16)
     yield runner
     runner.free_cache()
 
@@ -48,3 +53,19 @@ def test_mixed_step_does_not_sync(runner):
         for table in inp.block_tables:
             runner.cache.pool.free(table)
     assert logits.shape == (6, runner.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_mixed_step_triton_prefill_matches_sdpa(monkeypatch):
+    """The same fp32 mixed step with the prefill rows through the Triton kernel and through the SDPA loop:
+    fp32 attention both ways (IEEE dots in the kernel), so the logits agree to fp32 rounding (1e-4 after two
+    layers and the LM head, relative to logits of order 1)."""
+    runner = tiny_runner(torch.float32)
+    inp = mixed_step(runner, [37, 300, 5, 64], [(0, 100), (64, 33), (200, 1), (17, 250)])
+    try:
+        monkeypatch.setenv("DECODING_PREFILL_ATTENTION", "sdpa")
+        want = runner.step(inp).clone()
+        monkeypatch.setenv("DECODING_PREFILL_ATTENTION", "triton")
+        got = runner.step(inp)
+    finally:
+        runner.free_cache()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
