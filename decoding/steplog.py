@@ -87,7 +87,7 @@ class StepLog:
         self._profile = (path, num_steps, start_when)
 
     def _profile_tick(self) -> None:
-        path, num_steps, start_when = self._profile
+        _, num_steps, start_when = self._profile
         if self._profiler is None and start_when():
             activities = [torch.profiler.ProfilerActivity.CPU]
             if self.cuda:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -81,7 +82,7 @@ def test_engine_logs_every_step_only_when_asked(gen, monkeypatch):
     assert sum(r.decode_rows for r in recs) == sum(len(o.token_ids) - 1 for o in outs)
     assert all(r.decode_rows + r.prefill_tokens <= 32 for r in recs)  # the token budget
     assert all(r.t_schedule <= r.t_launch <= r.t_issued for r in recs)
-    assert all(a.t_launch <= b.t_launch for a, b in zip(recs, recs[1:]))
+    assert all(a.t_launch <= b.t_launch for a, b in itertools.pairwise(recs))
     s = log.summary()
     assert s["all"]["steps"] == len(recs) == sum(v["steps"] for k, v in s.items() if k != "all")
     assert s["all"]["wall_s"] == pytest.approx(recs[-1].t_launch - recs[0].t_launch)
