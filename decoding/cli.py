@@ -90,6 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-batched-tokens", type=int, default=None)
     serve.add_argument("--gpu-memory-utilization", type=float, default=None)
     serve.add_argument("--num-kv-blocks", type=int, default=None)
+    serve.add_argument("--context-cost", type=float, default=None,
+                       help="budget cost of a decode row's context token (SchedulerConfig.context_cost; 8B/H100 ~0.0017)")
     serve.add_argument("--profile-steps", type=int, default=30, help="steps in the --profile window")
     serve.add_argument("--no-progress", dest="progress", action="store_false")
     qnt = sub.add_parser("quantize", help="quantize a checkpoint once and save it (load it later with --model)")

@@ -371,7 +371,8 @@ class Engine:
             rec = None
             if log is not None:
                 prefill = [it.num_tokens for it in items if not it.seq.decoding]
-                rec = log.begin(t_schedule, len(items) - len(prefill), sum(prefill), len(prefill),
+                context = sum(it.seq.num_computed + 1 for it in items if it.seq.decoding)
+                rec = log.begin(t_schedule, len(items) - len(prefill), sum(prefill), len(prefill), context,
                                 self.runner.uses_graph(inp))
             logits = self.runner.step(inp)
         except Exception as e:

@@ -156,7 +156,8 @@ def main(args) -> None:
     options = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                                  ("max_num_batched_tokens", args.max_num_batched_tokens),
                                  ("gpu_memory_utilization", args.gpu_memory_utilization),
-                                 ("num_kv_blocks", args.num_kv_blocks)) if v is not None}
+                                 ("num_kv_blocks", args.num_kv_blocks),
+                                 ("context_cost", args.context_cost)) if v is not None}
     gen = random_generator(config, dev, dt, **options)
     work = make_workload(args.requests, parse_range(args.prompt_len), parse_range(args.output_len), args.rate,
                          config.vocab_size, args.seed)
@@ -169,7 +170,8 @@ def main(args) -> None:
     print(f"{str(dev) if dev.type == 'cpu' else torch.cuda.get_device_name(dev)} {str(dt).removeprefix('torch.')}: "
           f"{args.shape}, {args.requests} requests, rate {args.rate}/s, prompt {args.prompt_len}, output "
           f"{args.output_len}; KV pool {pool.num_blocks} blocks of {gen.block_size} tokens, max_num_seqs "
-          f"{gen.engine.config.max_num_seqs}, max_num_batched_tokens {gen.engine.config.max_num_batched_tokens}")
+          f"{gen.engine.config.max_num_seqs}, max_num_batched_tokens {gen.engine.config.max_num_batched_tokens}, "
+          f"context_cost {gen.engine.config.context_cost}")
     print(f"  batch-1 decode step: {step_ms:.2f} ms")
     results = [run_load(gen, work, params, "continuous", args.progress, args.profile, args.profile_steps)]
     if args.static_baseline:

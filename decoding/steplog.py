@@ -38,6 +38,8 @@ class StepRecord:
     decode_rows: int
     prefill_tokens: int
     prefill_seqs: int
+    decode_context: int
+    """Tokens of context the decode rows' attention reads (their lengths, summed): their K/V traffic."""
     graphed: bool
     start: torch.cuda.Event | None = None
     end: torch.cuda.Event | None = None
@@ -62,11 +64,12 @@ class StepLog:
 
     # ------------------------------------------------------------------ the engine thread
     def begin(self, t_schedule: float, decode_rows: int, prefill_tokens: int, prefill_seqs: int,
-              graphed: bool) -> StepRecord:
+              decode_context: int, graphed: bool) -> StepRecord:
         """A step is about to be handed to the runner (call right before runner.step)."""
         if self._profile is not None:
             self._profile_tick()
-        rec = StepRecord(t_schedule, time.perf_counter(), 0.0, decode_rows, prefill_tokens, prefill_seqs, graphed)
+        rec = StepRecord(t_schedule, time.perf_counter(), 0.0, decode_rows, prefill_tokens, prefill_seqs,
+                         decode_context, graphed)
         if self.cuda:
             rec.start = torch.cuda.Event(enable_timing=True)
             rec.start.record()
@@ -118,7 +121,8 @@ class StepLog:
     def summary(self) -> dict[str, dict]:
         """Per step kind (and "all"): steps, wall_s (sum of launch-to-next-launch intervals), interval_ms
         (p50/p90/p99 of those intervals), host_sched_ms and host_issue_ms (p50: scheduling and building the
-        step, then issuing it), means of decode_rows, prefill_tokens, prefill_seqs; on CUDA also gpu_s and
+        step, then issuing it), means of decode_rows, prefill_tokens, prefill_seqs,
+        decode_context; on CUDA also gpu_s and
         gpu_ms (percentiles of each step's device time, start to end event) and gpu_idle_before_ms (mean
         device time between the previous step's end and this one's start: waiting for the host)."""
         recs = list(self.records)
@@ -157,6 +161,7 @@ def _stats(rows: list) -> dict:
         "decode_rows": statistics.fmean(r.decode_rows for r in recs),
         "prefill_tokens": statistics.fmean(r.prefill_tokens for r in recs),
         "prefill_seqs": statistics.fmean(r.prefill_seqs for r in recs),
+        "decode_context": statistics.fmean(r.decode_context for r in recs),
     }
     gpu = [g for _, _, g, _ in rows if g is not None]
     if gpu:
@@ -169,7 +174,7 @@ def format_summary(summary: dict[str, dict]) -> str:
     """The summary as a table, one line per step kind."""
     gpu = any("gpu_ms" in s for s in summary.values())
     head = (f"    {'step kind':<15}{'steps':>7}{'wall s':>8}  {'launch interval ms p50/p90/p99':<31}"
-            f"{'sched/issue ms':>15}{'decodes':>9}{'prefill tok':>12}{'(seqs)':>7}")
+            f"{'sched/issue ms':>15}{'decodes':>9}{'(ctx)':>7}{'prefill tok':>12}{'(seqs)':>7}")
     if gpu:
         head += f"  {'GPU ms p50/p90/p99':<22}{'GPU s':>7}{'idle ms':>8}"
     lines = [head]
@@ -178,6 +183,7 @@ def format_summary(summary: dict[str, dict]) -> str:
         line = (f"    {kind:<15}{s['steps']:>7}{s['wall_s']:>8.2f}  "
                 f"{iv['p50']:>9.2f}/{iv['p90']:>9.2f}/{iv['p99']:>9.2f}  "
                 f"{s['host_sched_ms']:>7.2f}/{s['host_issue_ms']:<7.2f}{s['decode_rows']:>9.1f}"
+                f"{s['decode_context'] / max(s['decode_rows'], 1e-9):>7.0f}"
                 f"{s['prefill_tokens']:>12.1f}{s['prefill_seqs']:>7.2f}")
         if "gpu_ms" in s:
             g = s["gpu_ms"]

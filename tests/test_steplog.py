@@ -14,8 +14,8 @@ from decoding.steplog import StepLog, StepRecord, format_summary, format_top
 
 
 def rec(t: float, decodes: int, prefill_tokens: int = 0, prefill_seqs: int = 0, graphed: bool = False):
-    """A record launched at t seconds, scheduled 1 ms before, issued 2 ms after."""
-    return StepRecord(t - 0.001, t, t + 0.002, decodes, prefill_tokens, prefill_seqs, graphed)
+    """A record launched at t seconds, scheduled 1 ms before, issued 2 ms after; decodes of 100 tokens."""
+    return StepRecord(t - 0.001, t, t + 0.002, decodes, prefill_tokens, prefill_seqs, 100 * decodes, graphed)
 
 
 def test_summary_per_kind_from_known_timestamps():
@@ -35,6 +35,7 @@ def test_summary_per_kind_from_known_timestamps():
     assert graphed["interval_ms"]["p99"] == pytest.approx(10 + 0.99 * 30)  # inclusive percentiles of [10, 40]
     assert total["wall_s"] == pytest.approx(0.130)
     assert mixed["decode_rows"] == 4 and mixed["prefill_tokens"] == 256 and mixed["prefill_seqs"] == 1.5
+    assert mixed["decode_context"] == 400 and prefill["decode_context"] == 0
     assert graphed["decode_rows"] == pytest.approx(23 / 3) and graphed["prefill_tokens"] == 0
     assert total["host_sched_ms"] == pytest.approx(1.0) and total["host_issue_ms"] == pytest.approx(2.0)
     assert "gpu_ms" not in total  # no CUDA events on CPU
@@ -80,6 +81,9 @@ def test_engine_logs_every_step_only_when_asked(gen, monkeypatch):
     assert {"mixed", "decode-eager"} <= kinds and "decode-graphed" not in kinds  # no graphs on CPU
     assert sum(r.prefill_tokens for r in recs) == sum(len(o.prompt_token_ids) for o in outs)
     assert sum(r.decode_rows for r in recs) == sum(len(o.token_ids) - 1 for o in outs)
+    # a request's decode rows read contexts prompt + 1, ..., prompt + (tokens - 1)
+    assert sum(r.decode_context for r in recs) == sum(
+        sum(range(len(o.prompt_token_ids) + 1, len(o.prompt_token_ids) + len(o.token_ids))) for o in outs)
     assert all(r.decode_rows + r.prefill_tokens <= 32 for r in recs)  # the token budget
     assert all(r.t_schedule <= r.t_launch <= r.t_issued for r in recs)
     assert all(a.t_launch <= b.t_launch for a, b in itertools.pairwise(recs))
