@@ -151,6 +151,8 @@ class AttentionMetadata:
     seq_lens: [num_seqs] int32, context length including the new tokens.
     query_start_loc: [num_seqs + 1] int32, offsets of each sequence's new tokens in the batch.
     max_seq_len: a host-side bound on seq_lens (kernels size their launch by it without a sync).
+    query_start_loc_cpu, seq_lens_cpu: the same values as host lists, when the caller has them (build
+    does): prefill attention splits a step by them without reading the device tensors (a sync per layer).
     """
 
     slot_mapping: torch.Tensor
@@ -158,6 +160,8 @@ class AttentionMetadata:
     seq_lens: torch.Tensor
     query_start_loc: torch.Tensor
     max_seq_len: int | None = None
+    query_start_loc_cpu: list[int] | None = None
+    seq_lens_cpu: list[int] | None = None
 
     @classmethod
     def build(cls, block_tables: list[list[int]], seq_lens: list[int], query_lens: list[int],
@@ -177,4 +181,5 @@ class AttentionMetadata:
             return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
 
         return cls(as_tensor(slots, torch.int64), as_tensor(padded, torch.int32),
-                   as_tensor(seq_lens, torch.int32), as_tensor(starts, torch.int32), max(seq_lens))
+                   as_tensor(seq_lens, torch.int32), as_tensor(starts, torch.int32), max(seq_lens),
+                   starts, list(seq_lens))

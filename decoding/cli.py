@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--compare-bf16", action="store_true",
                        help="with --quantize: also run the unquantized model (--dtype) first and print the speed-up")
     bench.add_argument("--json", default=None, help="also write the result as JSON to this file")
-    bench.add_argument("--profile", default=None, help="write a torch.profiler trace of the decode steps here")
+    bench.add_argument("--profile", default=None,
+                       help="write a torch.profiler trace of the decode steps here (with --serve: of --profile-steps "
+                            "steps of the continuous run, from when half of the requests have finished)")
     serve = bench.add_argument_group("serving load (--serve)")
     serve.add_argument("--serve", action="store_true",
                        help="load test of continuous batching: requests arriving at --rate with random lengths")
@@ -88,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-num-batched-tokens", type=int, default=None)
     serve.add_argument("--gpu-memory-utilization", type=float, default=None)
     serve.add_argument("--num-kv-blocks", type=int, default=None)
+    serve.add_argument("--context-cost", type=float, default=None,
+                       help="budget cost of a decode row's context token (SchedulerConfig.context_cost; 8B/H100 ~0.0017)")
+    serve.add_argument("--profile-steps", type=int, default=30, help="steps in the --profile window")
     serve.add_argument("--no-progress", dest="progress", action="store_false")
     qnt = sub.add_parser("quantize", help="quantize a checkpoint once and save it (load it later with --model)")
     qnt.add_argument("out", help="directory to write (config.json, tokenizer, model.safetensors)")

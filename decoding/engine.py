@@ -34,6 +34,7 @@ from decoding.runner import ModelRunner, StepInput
 from decoding.sampling.sampler import SamplingState, bucket, sample
 from decoding.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from decoding.sequence import Sequence
+from decoding.steplog import StepLog
 
 _IDLE_EXIT_S = 2.0  # the thread ends after this long without work; the next submission starts another
 _CPU_KV_BYTES = 1 << 30
@@ -117,6 +118,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._drawn: _Drawn | None = None  # the last step's tokens, not yet read (engine thread only)
+        self.step_log: StepLog | None = None  # record_steps() turns it on
         self.overlap = (overlap_enabled() and runner.takes_device_tokens
                         and bucket(config.max_num_seqs) <= runner.prev_capacity)
         _ENGINES.add(self)
@@ -194,6 +196,12 @@ class Engine:
         if self.scheduler is not None and runner.cache is not None and runner.cache.pool is self.scheduler.pool:
             runner.free_cache()
         self.sampler = None
+
+    def record_steps(self, capacity: int = 100_000) -> StepLog:
+        """Log the next steps (at most the newest `capacity`) into a new StepLog (decoding/steplog.py) and
+        return it; `self.step_log = None` turns the log off again."""
+        self.step_log = StepLog(capacity, cuda=self.runner.device.type == "cuda")
+        return self.step_log
 
     def metrics_snapshot(self) -> dict:
         m, now = self.metrics, time.perf_counter()
@@ -347,7 +355,8 @@ class Engine:
         self._drop_rows(out.preempted)
 
     def _step(self) -> None:
-        sched, state = self.scheduler, self.sampler
+        sched, state, log = self.scheduler, self.sampler, self.step_log
+        t_schedule = time.perf_counter() if log is not None else 0.0
         out = sched.schedule()
         self._drop_rows(out.preempted)
         items = out.scheduled
@@ -359,6 +368,12 @@ class Engine:
             return
         try:
             inp = self._step_input(items)
+            rec = None
+            if log is not None:
+                prefill = [it.num_tokens for it in items if not it.seq.decoding]
+                context = sum(it.seq.num_computed + 1 for it in items if it.seq.decoding)
+                rec = log.begin(t_schedule, len(items) - len(prefill), sum(prefill), len(prefill), context,
+                                self.runner.uses_graph(inp))
             logits = self.runner.step(inp)
         except Exception as e:
             self._read_drawn()
@@ -399,6 +414,8 @@ class Engine:
                 for seq in owners:
                     if seq is not None:
                         seq.pending += 1
+        if rec is not None:
+            log.end(rec)
         self._read_drawn()  # the previous step's tokens: read while the GPU runs this step
         self._drawn = drawn
         if not self.overlap:

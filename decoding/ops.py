@@ -299,12 +299,17 @@ def paged_attention(
     scale: float,
     sliding_window: int | None = None,
     max_seq_len: int | None = None,
+    query_start_loc_cpu: list[int] | None = None,
+    seq_lens_cpu: list[int] | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of the new tokens over the paged cache (see reference.paged_attention_ref).
 
-    max_seq_len: a host-side bound on seq_lens (lets the decode kernel size its launch without a sync)."""
+    max_seq_len: a host-side bound on seq_lens (lets the decode kernel size its launch without a sync);
+    query_start_loc_cpu, seq_lens_cpu: host copies of those tensors (a mixed step reads them instead of
+    syncing with the device)."""
     return _call("paged_attention", q.device)(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, max_seq_len
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, max_seq_len,
+        query_start_loc_cpu, seq_lens_cpu
     )
 
 

@@ -125,6 +125,8 @@ def paged_attention_ref(
     scale: float,
     sliding_window: int | None = None,
     max_seq_len: int | None = None,
+    query_start_loc_cpu: list[int] | None = None,
+    seq_lens_cpu: list[int] | None = None,
 ) -> torch.Tensor:
     """Causal GQA attention of new query tokens over each sequence's paged K/V.
 
@@ -132,14 +134,15 @@ def paged_attention_ref(
     owns q[query_start_loc[b]:query_start_loc[b + 1]], which are the last tokens of its context of
     seq_lens[b] tokens (already written to the cache). block_tables: [num_seqs, max_blocks] int.
     Prefill (many query tokens), decode (one) and chunked prefill are the same call. max_seq_len (a
-    bound on seq_lens that fast kernels use to size their launch) is not needed here.
+    bound on seq_lens that fast kernels use to size their launch) is not needed here;
+    query_start_loc_cpu and seq_lens_cpu, host copies of those tensors, are read instead when given.
     Returns [num_tokens, num_heads, head_dim] in q's dtype.
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty_like(q)
-    starts = query_start_loc.tolist()
-    for b, seq_len in enumerate(seq_lens.tolist()):
+    starts = query_start_loc.tolist() if query_start_loc_cpu is None else query_start_loc_cpu
+    for b, seq_len in enumerate(seq_lens.tolist() if seq_lens_cpu is None else seq_lens_cpu):
         qb = q[starts[b]:starts[b + 1]].float()  # [n_q, H, D]
         n_q = qb.shape[0]
         blocks = block_tables[b, : (seq_len + block_size - 1) // block_size].long()

@@ -226,6 +226,10 @@ class ModelRunner:
         pos = torch.tensor(inp.positions(), dtype=torch.int64).to(self.device, non_blocking=True)
         return self.model(ids, pos, (self.cache.k, self.cache.v), meta)
 
+    def uses_graph(self, inp: StepInput) -> bool:
+        """Whether step(inp) replays a captured decode graph (else it runs eagerly)."""
+        return self.cuda_graphs and inp.is_decode and inp.num_seqs <= GRAPH_BUCKETS[-1]
+
     @torch.inference_mode()
     def step(self, inp: StepInput) -> torch.Tensor:
         """One model step; returns the logits of each sequence's last new token, [num_seqs, vocab] fp32.
@@ -233,7 +237,7 @@ class ModelRunner:
         A decode step on CUDA replays the captured graph of its batch-size bucket; the logits it returns
         are the graph's static output, valid until the next step.
         """
-        if self.cuda_graphs and inp.is_decode and inp.num_seqs <= GRAPH_BUCKETS[-1]:
+        if self.uses_graph(inp):
             if self._graphs is None or self._graphs.cache is not self.cache:
                 self._graphs = _DecodeGraphs(self)
             return self._graphs.run(inp)

@@ -5,7 +5,9 @@ a given rate (or all at once), over a random-weight model shape. Reports through
 token and inter-token latency percentiles (exact, from every token's timestamp), and, measured in the
 same process: the decode step time of one request alone (the inter-token latency floor) and, with
 --static-baseline, the same requests in static batches of 32 (admitted together, none added until
-all of them finish), as the throughput ratio the issue asks for.
+all of them finish), as the throughput ratio the issue asks for. Each run prints the engine's step log
+per step kind (decoding/steplog.py); --profile FILE records a window of steps of the continuous run with
+torch.profiler (a chrome trace, and the top 25 kernels by device time printed).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from decoding.sampling.params import SamplingParams
+from decoding.steplog import format_summary, format_top
 
 STATIC_BATCH = 32
 
@@ -48,6 +51,10 @@ class ServeResult:
     itl_ms: dict
     preemptions: int
     prefix_cache_hit_rate: float
+    steps: dict | None = None
+    """The engine's step log summary per step kind (decoding.steplog.StepLog.summary)."""
+    profile: dict | None = None
+    """With --profile: the profiled window's steps and its top kernels (StepLog.profile_result)."""
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -79,10 +86,18 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": qs[49], "p90": qs[89], "p99": qs[98], "mean": statistics.fmean(values)}
 
 
-def run_load(gen, work: Workload, params: SamplingParams, mode: str, progress: bool = True) -> ServeResult:
-    """Submit the workload at its arrival times (a driver thread) and wait for every request."""
+def run_load(gen, work: Workload, params: SamplingParams, mode: str, progress: bool = True,
+             profile: str | None = None, profile_steps: int = 30) -> ServeResult:
+    """Submit the workload at its arrival times (a driver thread) and wait for every request; the engine
+    logs its steps meanwhile. With `profile` (a file name), torch.profiler records `profile_steps` steps
+    from the one after half of the requests have finished, into a chrome trace there."""
     handles: queue.SimpleQueue = queue.SimpleQueue()
     before = gen.metrics()
+    engine = gen.engine
+    log = engine.record_steps()
+    if profile:
+        finished = engine.metrics.requests_finished
+        log.profile(profile, profile_steps, lambda: engine.metrics.requests_finished - finished >= len(work.prompts) // 2)
 
     def driver() -> None:
         t0 = time.perf_counter()
@@ -108,6 +123,9 @@ def run_load(gen, work: Workload, params: SamplingParams, mode: str, progress: b
         out_tokens += len(out.token_ids)
         prompt_tokens += len(out.prompt_token_ids)
     thread.join()
+    if profile:
+        engine.call(lambda e: log.stop_profile())  # on the engine thread, which started it
+    engine.step_log = None
     after = gen.metrics()
     duration = end - start
     queried = after["prompt_tokens_total"] - before["prompt_tokens_total"]
@@ -115,7 +133,8 @@ def run_load(gen, work: Workload, params: SamplingParams, mode: str, progress: b
     return ServeResult(mode, len(work.prompts), duration, prompt_tokens, out_tokens, out_tokens / duration,
                        (out_tokens + prompt_tokens) / duration, len(work.prompts) / duration,
                        percentiles(ttft), percentiles(itl),
-                       after["preemptions_total"] - before["preemptions_total"], max(0.0, hit))
+                       after["preemptions_total"] - before["preemptions_total"], max(0.0, hit), log.summary(),
+                       log.profile_result)
 
 
 def batch1_step_ms(gen, vocab: int, prompt: int = 128, new: int = 64) -> float:
@@ -137,7 +156,8 @@ def main(args) -> None:
     options = {k: v for k, v in (("max_num_seqs", args.max_num_seqs),
                                  ("max_num_batched_tokens", args.max_num_batched_tokens),
                                  ("gpu_memory_utilization", args.gpu_memory_utilization),
-                                 ("num_kv_blocks", args.num_kv_blocks)) if v is not None}
+                                 ("num_kv_blocks", args.num_kv_blocks),
+                                 ("context_cost", args.context_cost)) if v is not None}
     gen = random_generator(config, dev, dt, **options)
     work = make_workload(args.requests, parse_range(args.prompt_len), parse_range(args.output_len), args.rate,
                          config.vocab_size, args.seed)
@@ -150,9 +170,10 @@ def main(args) -> None:
     print(f"{str(dev) if dev.type == 'cpu' else torch.cuda.get_device_name(dev)} {str(dt).removeprefix('torch.')}: "
           f"{args.shape}, {args.requests} requests, rate {args.rate}/s, prompt {args.prompt_len}, output "
           f"{args.output_len}; KV pool {pool.num_blocks} blocks of {gen.block_size} tokens, max_num_seqs "
-          f"{gen.engine.config.max_num_seqs}, max_num_batched_tokens {gen.engine.config.max_num_batched_tokens}")
+          f"{gen.engine.config.max_num_seqs}, max_num_batched_tokens {gen.engine.config.max_num_batched_tokens}, "
+          f"context_cost {gen.engine.config.context_cost}")
     print(f"  batch-1 decode step: {step_ms:.2f} ms")
-    results = [run_load(gen, work, params, "continuous", args.progress)]
+    results = [run_load(gen, work, params, "continuous", args.progress, args.profile, args.profile_steps)]
     if args.static_baseline:
         pool.clear_cache()  # the baseline starts as cold as the continuous run did
         gen.engine.config.static_batch_size = STATIC_BATCH
@@ -165,6 +186,14 @@ def main(args) -> None:
         print(f"    TTFT ms p50 {r.ttft_ms['p50']:.1f} / p90 {r.ttft_ms['p90']:.1f} / p99 {r.ttft_ms['p99']:.1f}; "
               f"inter-token ms p50 {r.itl_ms['p50']:.2f} / p90 {r.itl_ms['p90']:.2f} / p99 {r.itl_ms['p99']:.2f} "
               f"(p99 = {r.itl_ms['p99'] / step_ms:.2f}x the batch-1 step)")
+        print("    steps (launch interval: from this step's launch to the next one's; sched/issue: host time to\n"
+              "    schedule and build the step, then to issue it and its sampling; GPU: device time from the step's\n"
+              "    first to last kernel, and idle: device time waiting for the host before the step, on CUDA):")
+        print(format_summary(r.steps))
+        if r.profile is not None:
+            print(format_top(r.profile))
+        elif args.profile and r.mode == "continuous":
+            print("  profile: the window (after half of the requests finished) was never reached")
     report = {"shape": args.shape, "device": str(dev), "dtype": str(dt).removeprefix("torch."),
               "batch1_step_ms": step_ms, "kv_blocks": pool.num_blocks, "results": [asdict(r) for r in results]}
     if len(results) == 2:

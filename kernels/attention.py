@@ -1,4 +1,4 @@
-"""Paged GQA attention: a Triton split-K (flash-decoding) kernel for decode, SDPA for prefill.
+"""Paged GQA attention in Triton: a split-K (flash-decoding) kernel for decode, a varlen kernel for prefill.
 
 Decode (one new query token per sequence): each sequence's context is cut into at most NUM_PARTS
 partitions of at least MIN_PART tokens, sized from its own length on the device; one program per
@@ -14,11 +14,21 @@ Numerics: q·k in fp32 (tensor cores with fp32 accumulation for 16-bit inputs; I
 inputs, and for every dtype under the CPU interpreter, whose tl.dot mishandles bf16), softmax weights rounded to the value dtype before p·v (as flash attention does), output in
 q's dtype. decoding.reference.paged_attention_ref is the reference.
 
-Prefill and chunked prefill (several new tokens per sequence) gather each sequence's K/V from the
-cache and call torch's scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
+Prefill and chunked prefill (several new tokens per sequence): one launch of _prefill_kernel for every
+sequence of the step (paged_prefill_attention, flash-attention style): one program per (query tile, KV
+head), a tile being a few query tokens of one sequence times the GROUP query heads that share the KV
+head, so K/V are read once per group straight from the paged cache; the queries are the last n_q of the
+sequence's seq_len positions (bottom-right causal alignment), sliding windows included. Tiles find their
+sequence on the device (a binary search over query_start_loc), so the launch needs no host list. In a
+mixed step (continuous batching) the one-token rows go through the decode kernel instead (the same bits as
+a graphed decode step). prefill_attention_sdpa, the older loop of torch SDPA calls over K/V gathered from
+the cache, stays as the fallback (DECODING_PREFILL_ATTENTION=sdpa) and the baseline of
+benches/bench_prefill_attention.py.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -176,38 +186,235 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     return out
 
 
+@triton.jit
+def _find_seq(starts_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence that query tile `tile` belongs to: sequence b owns the tiles from starts[b] // BLOCK_Q + b
+    on (ceil(n_q / BLOCK_Q) of them, which never reach the next sequence's first tile); binary search."""
+    lo: tl.int32 = 0
+    hi = num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(starts_ptr + mid) // BLOCK_Q + mid <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _prefill_step(q, m, denom, acc, k_ptr, v_ptr, table_ptr, tok0, seq_len, q_pos, scale_log2, window, kv_head,
+                  kc_stride_b, kc_stride_s, kc_stride_h,
+                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                  HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    """One BLOCK_N-key step of the online softmax for every row of the tile. Without CAUSAL (keys every
+    row sees, all < seq_len) nothing is masked."""
+    toks = tok0 + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    if CAUSAL:
+        valid = toks < seq_len
+        block_ids = tl.load(table_ptr + toks // BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+    else:
+        block_ids = tl.load(table_ptr + toks // BLOCK_SIZE).to(tl.int64)
+    kv_off = block_ids[:, None] * kc_stride_b + (toks % BLOCK_SIZE)[:, None] * kc_stride_s \
+        + kv_head * kc_stride_h + dims[None, :]
+    if CAUSAL:
+        k = tl.load(k_ptr + kv_off, mask=valid[:, None], other=0.0)  # [BLOCK_N, D]
+        v = tl.load(v_ptr + kv_off, mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptr + kv_off)
+        v = tl.load(v_ptr + kv_off)
+    if IEEE:
+        scores = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        scores = tl.dot(q, tl.trans(k))
+    scores = scores * scale_log2  # [BLOCK_M, BLOCK_N], log2 units
+    if CAUSAL or HAS_WINDOW:
+        allowed = toks[None, :] >= 0
+        if CAUSAL:
+            allowed = allowed & (toks[None, :] <= q_pos[:, None]) & valid[None, :]
+        if HAS_WINDOW:
+            allowed = allowed & ((q_pos[:, None] - toks[None, :]) < window)
+        scores = tl.where(allowed, scores, float("-inf"))
+    m_new = tl.maximum(m, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet (window)
+    alpha = tl.math.exp2(m - m_safe)
+    p = tl.math.exp2(scores - m_safe[:, None])
+    denom = denom * alpha + tl.sum(p, axis=1)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, denom, acc
+
+
+@triton.jit
+def _prefill_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, seq_lens_ptr, starts_ptr, num_seqs, scale_log2, window,
+                    q_stride_t, q_stride_h, o_stride_t, o_stride_h, kc_stride_b, kc_stride_s, kc_stride_h,
+                    tables_stride,
+                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MIN_QUERY: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr):
+    BLOCK_Q: tl.constexpr = BLOCK_M // GROUP_PAD  # query tokens per tile; each brings its GROUP heads
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _find_seq(starts_ptr, tile, num_seqs, BLOCK_Q)
+    q_start = tl.load(starts_ptr + seq)
+    n_q = tl.load(starts_ptr + seq + 1) - q_start
+    q0 = (tile - (q_start // BLOCK_Q + seq)) * BLOCK_Q  # this tile's first query, counted in the chunk
+    if (n_q < MIN_QUERY) | (q0 >= n_q):
+        return  # a decode row (the split-K kernel's), or a spare tile
+    seq_len = tl.load(seq_lens_ptr + seq)
+    ctx = seq_len - n_q  # tokens cached before the chunk: query i sits at position ctx + i
+    rows = tl.arange(0, BLOCK_M)
+    qi = q0 + rows // GROUP_PAD
+    heads = kv_head * GROUP + rows % GROUP_PAD
+    row_mask = (qi < n_q) & (rows % GROUP_PAD < GROUP)
+    dims = tl.arange(0, HEAD_DIM)
+    tok_rows = (q_start + qi).to(tl.int64)
+    q = tl.load(q_ptr + tok_rows[:, None] * q_stride_t + heads[:, None] * q_stride_h + dims[None, :],
+                mask=row_mask[:, None], other=0.0)  # [BLOCK_M, D]
+    if IEEE:
+        q = q.to(tl.float32)
+    q_pos = ctx + qi
+    m = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    denom = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    table_ptr = tables_ptr + seq.to(tl.int64) * tables_stride
+    first = ctx + q0  # the tile's first query position: every row sees all keys before it
+    lo = 0
+    if HAS_WINDOW:  # ... from the first key the first query's window holds
+        lo = (tl.maximum(first - window + 1, 0) // BLOCK_N) * BLOCK_N
+    diag = tl.maximum((first // BLOCK_N) * BLOCK_N, lo)
+    hi = tl.minimum(first + BLOCK_Q, seq_len)  # one past the last query's position
+    for tok0 in range(lo, diag, BLOCK_N):  # keys below the diagonal: no causal mask
+        m, denom, acc = _prefill_step(q, m, denom, acc, k_ptr, v_ptr, table_ptr, tok0, seq_len, q_pos, scale_log2,
+                                      window, kv_head, kc_stride_b, kc_stride_s, kc_stride_h, HEAD_DIM, BLOCK_SIZE,
+                                      BLOCK_N, False, HAS_WINDOW, IEEE)
+    for tok0 in range(diag, hi, BLOCK_N):
+        m, denom, acc = _prefill_step(q, m, denom, acc, k_ptr, v_ptr, table_ptr, tok0, seq_len, q_pos, scale_log2,
+                                      window, kv_head, kc_stride_b, kc_stride_s, kc_stride_h, HEAD_DIM, BLOCK_SIZE,
+                                      BLOCK_N, True, HAS_WINDOW, IEEE)
+    out = acc / tl.where(denom > 0, denom, 1.0)[:, None]
+    tl.store(out_ptr + tok_rows[:, None] * o_stride_t + heads[:, None] * o_stride_h + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+# Tile shape of the prefill kernel on GPU: BLOCK_M rows (query tokens x the GROUP heads of a KV head),
+# BLOCK_N keys per step. benches/bench_prefill_attention.py --sweep times the alternatives.
+PREFILL_BLOCK_M = 64
+PREFILL_BLOCK_N = 64
+PREFILL_WARPS = 4
+PREFILL_STAGES = 2
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                            scale: float, sliding_window: int | None = None, out: torch.Tensor | None = None,
+                            min_query: int = 1, block_m: int | None = None, block_n: int | None = None,
+                            num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """Causal GQA attention of every sequence's new tokens over the paged cache, in one launch.
+
+    q: [num_tokens, num_heads, head_dim] (last dim contiguous), sequence b's new tokens at
+    query_start_loc[b]:query_start_loc[b + 1], the last of its seq_lens[b] tokens (bottom-right causal
+    alignment; K/V of all of them already in the cache). Caches [num_blocks, block_size, num_kv_heads,
+    head_dim]. One program per (query tile, KV head): a tile is BLOCK_M // GROUP query tokens of one
+    sequence times the GROUP query heads sharing that KV head, so K/V are read once per group (no repeat),
+    straight from the cache through the block table, with an online softmax in fp32. Tiles map to
+    sequences on the device (_find_seq), so the launch needs no host list and no sync. Sequences with
+    fewer than min_query new tokens are skipped (their rows of out are left as they are).
+    Returns out ([num_tokens, num_heads, head_dim], q's dtype; allocated when None).
+
+    Example: paged_prefill_attention(q, k_cache, v_cache, tables, seq_lens, starts, head_dim ** -0.5)
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert k_cache.stride() == v_cache.stride()
+    assert head_dim == triton.next_power_of_2(head_dim) and head_dim >= 16
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    group = num_heads // num_kv_heads
+    group_pad = triton.next_power_of_2(group)
+    interpreted = q.device.type == "cpu"
+    block_m = max(block_m or (16 if interpreted else PREFILL_BLOCK_M), group_pad, 16)
+    block_n = block_n or (16 if interpreted else PREFILL_BLOCK_N)
+    num_seqs = seq_lens.shape[0]
+    tiles = num_tokens // (block_m // group_pad) + num_seqs  # a bound: spare tiles exit at once
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    _prefill_kernel[(tiles, num_kv_heads)](
+        q, k_cache, v_cache, out, block_tables, seq_lens, query_start_loc, num_seqs,
+        scale * 1.4426950408889634, sliding_window or 0,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), k_cache.stride(0), k_cache.stride(1),
+        k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_SIZE=block_size, BLOCK_M=block_m,
+        BLOCK_N=block_n, MIN_QUERY=min_query, HAS_WINDOW=sliding_window is not None,
+        IEEE=q.dtype == torch.float32 or interpreted,
+        num_warps=num_warps or PREFILL_WARPS, num_stages=num_stages or PREFILL_STAGES)
+    return out
+
+
+def prefill_backend(device: torch.device) -> str:
+    """"triton" (the one-launch kernel; on CUDA, or on CPU under TRITON_INTERPRET=1) or "sdpa" (the loop of
+    torch SDPA calls: elsewhere, or when DECODING_PREFILL_ATTENTION=sdpa)."""
+    choice = os.environ.get("DECODING_PREFILL_ATTENTION", "triton")
+    if choice not in ("triton", "sdpa"):
+        raise ValueError(f"DECODING_PREFILL_ATTENTION must be triton or sdpa, got {choice!r}")
+    runs = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    return "triton" if choice == "triton" and runs else "sdpa"
+
+
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                       seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                      sliding_window: int | None = None, max_seq_len: int | None = None) -> torch.Tensor:
-    """Causal attention of several new tokens per sequence through torch's SDPA, K/V gathered from the
-    paged cache (host loop over sequences: a prefill step syncs once for the lengths).
+                      sliding_window: int | None = None, max_seq_len: int | None = None,
+                      query_start_loc_cpu: list[int] | None = None,
+                      seq_lens_cpu: list[int] | None = None) -> torch.Tensor:
+    """Causal attention of several new tokens per sequence: a prefill step, or a mixed step of
+    continuous batching (decodes next to prefill chunks).
 
-    In a mixed step (continuous batching: decodes next to prefill chunks), the rows with one new token
-    go through the split-K decode kernel in one launch: a loop of SDPA calls over hundreds of decoding
-    sequences took most of such a step."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    The rows with one new token go through the split-K decode kernel in one launch (the same bits as a
+    graphed decode step); the others through paged_prefill_attention in one more launch (or, see
+    prefill_backend, torch's SDPA per sequence). The step is split by query_start_loc_cpu and seq_lens_cpu,
+    host copies of those tensors; without them they are read from the device (a sync)."""
     out = torch.empty_like(q)
-    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    starts = query_start_loc.tolist() if query_start_loc_cpu is None else query_start_loc_cpu
+    lens = seq_lens.tolist() if seq_lens_cpu is None else seq_lens_cpu
     single = [b for b in range(len(lens)) if starts[b + 1] - starts[b] == 1]
-    if len(single) > 1 and q.stride(-1) == 1:
+    if single and q.stride(-1) == 1:
         bound = max(max_seq_len or 0, max(lens[b] for b in single))  # the decode steps' partitioning
         if single[-1] == len(single) - 1:  # the scheduler puts decodes first: rows 0..d-1 are tokens 0..d-1
             d = len(single)
             out[:d] = paged_decode_attention(q[:d], k_cache, v_cache, block_tables[:d], seq_lens[:d], scale,
                                              sliding_window, bound)
-        else:
-            rows = torch.tensor(single, device=q.device)
-            toks = torch.tensor([starts[b] for b in single], device=q.device)
+        else:  # host lists to the device without a sync (non_blocking from pageable memory is staged)
+            rows = torch.tensor(single).to(q.device, non_blocking=True)
+            toks = torch.tensor([starts[b] for b in single]).to(q.device, non_blocking=True)
             out[toks] = paged_decode_attention(q[toks], k_cache, v_cache, block_tables[rows], seq_lens[rows],
                                                scale, sliding_window, bound)
         done = set(single)
     else:
         done = set()
-    for b, seq_len in enumerate(lens):
+    rest = [b for b in range(len(lens)) if starts[b + 1] > starts[b] and b not in done]
+    if not rest:
+        return out
+    if prefill_backend(q.device) == "triton" and q.stride(-1) == 1:
+        paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+                                out, min_query=2 if done else 1)
+    else:
+        prefill_attention_sdpa(q, k_cache, v_cache, block_tables, scale, sliding_window, starts, lens, rest, out)
+    return out
+
+
+def prefill_attention_sdpa(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, scale: float, sliding_window: int | None,
+                           starts: list[int], lens: list[int], seqs: list[int], out: torch.Tensor) -> None:
+    """Attention of sequences `seqs` (indices into the host lists starts, lens) into out, one SDPA call
+    each, K/V gathered from the paged cache (a host loop: the reference and fallback of the Triton kernel)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    for b in seqs:
+        seq_len = lens[b]
         n_q = starts[b + 1] - starts[b]
-        if n_q == 0 or b in done:
-            continue
         blocks = block_tables[b, : triton.cdiv(seq_len, block_size)].long()
         kb = k_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)  # [H_kv, L, D]
         vb = v_cache[blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].transpose(0, 1)
@@ -232,16 +439,17 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                     o[:, c0:c0 + 1024] = F.scaled_dot_product_attention(qb[:, c0:c0 + 1024], kb, vb,
                                                                         attn_mask=mask, scale=scale)
         out[starts[b]:starts[b + 1]] = o.transpose(0, 1)
-    return out
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
-                    sliding_window: int | None = None, max_seq_len: int | None = None) -> torch.Tensor:
+                    sliding_window: int | None = None, max_seq_len: int | None = None,
+                    query_start_loc_cpu: list[int] | None = None, seq_lens_cpu: list[int] | None = None
+                    ) -> torch.Tensor:
     """decoding.ops.paged_attention: the split-K kernel for decode steps (one token per sequence, decided
-    from shapes alone, so no host sync), SDPA for prefill."""
+    from shapes alone, so no host sync), prefill_attention for the others."""
     if q.shape[0] == block_tables.shape[0] and q.stride(-1) == 1:
         return paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, scale, sliding_window,
                                       max_seq_len)
     return prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
-                             max_seq_len)
+                             max_seq_len, query_start_loc_cpu, seq_lens_cpu)

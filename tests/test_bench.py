@@ -48,7 +48,7 @@ def test_serve_bench_cli(tmp_path, capsys):
     assert main(["bench", "--serve", "--shape", "tiny", "--random-weights", "--requests", "24", "--rate", "400",
                  "--prompt-len", "4:40", "--output-len", "2:12", "--static-baseline", "--device", "cpu",
                  "--max-num-batched-tokens", "64", "--num-kv-blocks", "12", "--no-progress",
-                 "--json", str(out)]) == 0
+                 "--json", str(out), "--profile", str(tmp_path / "trace.json"), "--profile-steps", "3"]) == 0
     data = json.loads(out.read_text())
     cont, static = data["results"]
     assert (cont["mode"], static["mode"]) == ("continuous", "static batches of 32")
@@ -58,7 +58,14 @@ def test_serve_bench_cli(tmp_path, capsys):
         assert 0 < r["ttft_ms"]["p50"] <= r["ttft_ms"]["p99"] and 0 < r["itl_ms"]["p50"] <= r["itl_ms"]["p99"]
     assert cont["output_tokens"] == static["output_tokens"]  # the same requests, run to their max_tokens
     assert data["continuous_over_static"] == pytest.approx(cont["output_tok_s"] / static["output_tok_s"])
-    assert data["batch1_step_ms"] > 0 and "continuous / static throughput" in capsys.readouterr().out
+    for r in (cont, static):  # the step log: every step of the run in some kind, all of them in "all"
+        steps = r["steps"]
+        assert steps["all"]["steps"] == sum(v["steps"] for k, v in steps.items() if k != "all") > 0
+        assert steps["all"]["prefill_tokens"] > 0 and steps["all"]["decode_rows"] > 0
+    assert cont["profile"]["steps"] == 3 and (tmp_path / "trace.json").exists() and static["profile"] is None
+    text = capsys.readouterr().out
+    assert data["batch1_step_ms"] > 0 and "continuous / static throughput" in text
+    assert "launch interval ms" in text and "profile of 3 steps" in text
 
 
 def test_cli_tp_runs_tp1_then_tp2_and_reports_speedup(tmp_path, capsys):

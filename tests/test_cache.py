@@ -32,6 +32,7 @@ def test_slot_mapping_and_tables():
     assert meta.slot_mapping.tolist() == [12, 13, 14, 15, 4, 10]
     assert meta.block_tables.tolist() == [[3, 1], [0, 2]]
     assert meta.seq_lens.tolist() == [5, 7] and meta.query_start_loc.tolist() == [0, 5, 6]
+    assert meta.seq_lens_cpu == [5, 7] and meta.query_start_loc_cpu == [0, 5, 6]  # host copies: no sync to read
     assert meta.slot_mapping.dtype == torch.int64 and meta.block_tables.dtype == torch.int32
 
 

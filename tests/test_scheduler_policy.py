@@ -144,7 +144,8 @@ def test_random_workload_keeps_kv_consistent_and_pool_whole(seed, overlap):
     rng = random.Random(seed)
     config = SchedulerConfig(max_num_batched_tokens=rng.choice([8, 12, 32]), max_num_seqs=rng.choice([2, 4, 8]),
                              enable_prefix_caching=seed % 3 != 2, watermark=rng.choice([0.0, 0.1]),
-                             static_batch_size=4 if seed % 6 == 5 else None)
+                             static_batch_size=4 if seed % 6 == 5 else None,
+                             context_cost=0.3 if seed % 4 == 1 else 0.0)
     sched = simulate(rng, config, num_blocks=rng.choice([7, 9, 12]), num_requests=200, overlap=overlap)
     if config.enable_prefix_caching:
         assert sched.prefix_hit_tokens > 0
@@ -169,3 +170,61 @@ def test_config_is_checked():
     with pytest.raises(InvalidRequest, match="gpu_memory_utilization must be in \\(0, 1\\]"):
         SchedulerConfig(gpu_memory_utilization=1.5)
     assert SchedulerConfig(max_num_batched_tokens=32).max_num_seqs == 32
+
+
+def _run_step(sched: Scheduler):
+    """One step without overlap: the decoding sequences scheduled draw a token, read at once."""
+    out = sched.schedule()
+    sched.step_done(out)
+    for it in out.scheduled:
+        if it.seq.decoding:
+            it.seq.output_ids.append(1)
+    return out
+
+
+def _two_decoding(context_cost: float) -> tuple[Scheduler, SchedulerConfig, Seq, Seq]:
+    """Two sequences decoding with contexts of 100 and 300 tokens, under a 64-token budget from now on."""
+    config = SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=8, context_cost=context_cost,
+                             enable_prefix_caching=False)
+    sched = Scheduler(config, BlockPool(400), BS)
+    a, b = Seq([1] * 100, 50), Seq([2] * 300, 50)
+    sched.add(a)
+    sched.add(b)
+    _run_step(sched)  # both prompts in one step; each draws its first token
+    assert a.decoding and b.decoding and (a.num_computed, b.num_computed) == (100, 300)
+    config.max_num_batched_tokens = 64
+    return sched, config, a, b
+
+
+@pytest.mark.parametrize("context_cost", [0.0, 0.1])
+def test_context_cost_charges_decode_rows_their_context(context_cost):
+    """Decode rows over contexts of 100 and 300 tokens cost 2 (context_cost 0) or 2 + 0.1 x 400 = 42 of the
+    64-token budget: a waiting prompt gets the rest as its first chunk, 62 or 22 tokens."""
+    sched, _, a, b = _two_decoding(context_cost)
+    c = Seq([3] * 200, 10)
+    sched.add(c)
+    out = _run_step(sched)
+    tokens = {id(it.seq): it.num_tokens for it in out.scheduled}
+    assert tokens == {id(a): 1, id(b): 1, id(c): 62 if context_cost == 0 else 22}
+
+
+def test_decodes_over_budget_still_run_and_block_admissions():
+    """When the decode rows alone cost more than the budget (1 + 1.0 x context each), they all still run
+    (a running sequence never stalls for cost), nothing is preempted for it, and no prompt is admitted
+    until they finish."""
+    sched, _, a, b = _two_decoding(1.0)
+    c = Seq([3] * 20, 4)
+    sched.add(c)
+    for _ in range(3):
+        out = _run_step(sched)
+        assert [it.seq for it in out.scheduled] == [a, b] and not out.preempted
+        assert list(sched.waiting) == [c] and not c.running
+    sched.finish([a, b])
+    out = _run_step(sched)
+    assert [(it.seq, it.num_tokens) for it in out.scheduled] == [(c, 20)]
+
+
+def test_context_cost_is_checked():
+    for bad in (-0.1, float("inf"), "0.1", True):
+        with pytest.raises(InvalidRequest, match="context_cost must be a number >= 0"):
+            SchedulerConfig(context_cost=bad)

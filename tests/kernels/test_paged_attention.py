@@ -83,9 +83,12 @@ def test_padding_rows_output_zeros(bound):
     torch.testing.assert_close(got[keep], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
 @pytest.mark.parametrize("window", [None, 6])
-def test_prefill_sdpa_matches_reference(window):
-    """Prefill (9 new of 9) and chunked prefill (5 new of 12 tokens: the mask is offset) through SDPA."""
+def test_prefill_matches_reference(window, backend, monkeypatch):
+    """Prefill (9 new of 9) and chunked prefill (5 new of 12 tokens: the mask is offset) through the Triton
+    prefill kernel and through SDPA (tests/kernels/test_prefill_attention.py has the kernel's own cases)."""
+    monkeypatch.setenv("DECODING_PREFILL_ATTENTION", backend)
     q, k, v, tables, lens = _setup(4, 2, 32, [9, 12], torch.float32)
     q = torch.randn(14, 4, 32, device=DEVICE)
     starts = torch.tensor([0, 9, 14], dtype=torch.int32, device=DEVICE)
@@ -106,4 +109,25 @@ def test_mixed_step_decode_rows_match_reference(order, window):
     starts = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
     want = paged_attention_ref(q, k, v, tables, lens, starts, 0.2, window)
     got = attention.paged_attention(q, k, v, tables, lens, starts, 0.2, window)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_step_reads_host_lists_not_device(monkeypatch):
+    """Given host copies of query_start_loc and seq_lens (AttentionMetadata.build makes them), a mixed step
+    never reads the device tensors: on a GPU each .tolist() / .item() would sync the host with it in
+    every layer. Tensor.tolist and Tensor.item raise here while the op runs."""
+    q_lens, seq_lens = [1, 1, 9, 5, 1], [20, 3, 9, 12, 40]
+    q, k, v, tables, lens = _setup(4, 2, 32, seq_lens, torch.float32)
+    q = torch.randn(sum(q_lens), 4, 32, device=DEVICE)
+    starts = [0] + torch.tensor(q_lens).cumsum(0).tolist()
+    starts_dev = torch.tensor(starts, dtype=torch.int32, device=DEVICE)
+    want = paged_attention_ref(q, k, v, tables, lens, starts_dev, 0.2, None)
+
+    def device_read(*args, **kwargs):
+        raise AssertionError("the attention op read a device tensor on the host")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", device_read)
+    monkeypatch.setattr(torch.Tensor, "item", device_read)
+    got = attention.paged_attention(q, k, v, tables, lens, starts_dev, 0.2, None, 64, starts, seq_lens)
+    monkeypatch.undo()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
