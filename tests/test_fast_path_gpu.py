@@ -127,14 +127,7 @@ def test_graphed_decode_agrees_with_reference(small_gen, agreement, batch, monke
     assert gen.runner.cache.pool.num_free == gen.runner.cache.num_blocks
 
 
-# Open (2026-11-25, H100): at batch 2 and 4 the second sequence's greedy tokens differ between the graph
-# and the eager step after 3-7 tokens, the same with DECODING_OVERLAP=0 and with DECODING_PDL=0, while
-# both stay within bf16 noise of fp32 (the test above). Some kernel picks differ between capture and eager
-# at M >= 2; not found yet. strict: the mark must go once they agree again.
-_EAGER_DIFFERS = pytest.mark.xfail(strict=True, reason="graph and eager steps differ in bits at M >= 2 (open)")
-
-
-@pytest.mark.parametrize("batch", [1, pytest.param(2, marks=_EAGER_DIFFERS), pytest.param(4, marks=_EAGER_DIFFERS)])
+@pytest.mark.parametrize("batch", [1, 2, 4])
 def test_graphs_match_eager_fast_path_exactly_at_small_buckets(small_gen, batch):
     """At batches that fill their bucket the graph replays the eager kernels: the same tokens as the eager
     fast path. (A padded bucket, e.g. 3 rows in the graph of 4, is not bit-exact: past ops.GEMV_MAX_ROWS
