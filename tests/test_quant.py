@@ -77,6 +77,22 @@ def test_linear_layers_match_dequantized_linear():
     torch.testing.assert_close(w8a8(large), w8a8_linear_ref(large, w8a8.qweight, w8a8.scales, w8a8.bias, 6.0, 8))
 
 
+def test_forward_silu_mul_is_the_unfused_activation():
+    """The MLP's hook (LlamaMLP calls gate_up.forward_silu_mul): silu_and_mul of the layer's own output, for
+    leading batch dims, group-wise scales, a bias (unfused), and W8A8 on both sides of min_tokens."""
+    from decoding import ops
+
+    lin, lin_bias = torch.nn.Linear(64, 48, bias=False), torch.nn.Linear(64, 48, bias=True)
+    layers = [quant.Int8Linear.from_linear(lin), quant.Int8Linear.from_linear(lin, group_size=32),
+              quant.Int8Linear.from_linear(lin_bias),
+              quant.W8A8Linear.from_linear(lin, threshold=6.0, max_outliers=8, min_tokens=4)]
+    for layer in layers:
+        for x in (torch.randn(2, 1, 64), torch.randn(3, 5, 64)):  # 2 and 15 tokens
+            out = layer.forward_silu_mul(x)
+            assert out.shape == (*x.shape[:-1], 24)
+            assert torch.equal(out, ops.silu_and_mul(layer(x)))
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
