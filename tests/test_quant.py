@@ -136,6 +136,20 @@ def test_generation_agrees_with_unquantized(ckpt, mode):
     assert ((got - ref).norm() / ref.norm()).item() < 0.05
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int8_decode_steps_agree_with_prefill_on_cuda(ckpt):
+    """On CUDA, decode steps run the W8A16 GEMVs (gate/up fused with SiLU·up) in CUDA graphs and a prefill
+    runs the Triton GEMM: teacher-forced, the quantized model's prefill picks the tokens its own decode
+    steps chose, up to bf16 near-ties (with a broken layer, agreement falls to ~0.3: module docstring)."""
+    from decoding import ops
+
+    if ops.select("w8a16_linear_silu_mul", "cuda") != "cuda":
+        pytest.skip("no CUDA W8A16 GEMV in this build")
+    q = Generator.from_pretrained(ckpt, device="cuda", progress=False, quantize="int8")
+    assert _greedy_agreement(q, q, PROMPTS, 24) >= 0.9
+
+
 def test_quantize_at_load_qwen2_bias(tmp_path):
     save_random_checkpoint("qwen2", tmp_path, seed=1, initializer_range=0.05)  # QKV bias goes into the int8 layer as a 16-bit bias
     base = Generator.from_pretrained(tmp_path, device="cpu", progress=False)
