@@ -15,10 +15,11 @@ constexpr int64_t kGemvChunk = 16;
 
 inline bool is_aligned16(const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; }
 
-// out [M, N] <- x [M, K] @ dequant(qweight [N, K], scales)^T (+ bias [N]). Returns the group size in
-// elements of K (K itself for per-output-channel scales).
+// out [M, N] <- x [M, K] @ dequant(qweight [N, K], scales)^T (+ bias [N]); with glu, qweight holds gate
+// rows then up rows, out is [M, N / 2] and there is no bias. Returns the group size in elements of K (K
+// itself for per-output-channel scales).
 inline int64_t check_w8a16_gemv_args(const at::Tensor& out, const at::Tensor& x, const at::Tensor& qweight,
-                                     const at::Tensor& scales, const c10::optional<at::Tensor>& bias) {
+                                     const at::Tensor& scales, const c10::optional<at::Tensor>& bias, bool glu) {
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got ", x.device());
   for (const auto* t : {&out, &qweight, &scales}) {
     TORCH_CHECK(t->device() == x.device(), "all tensors must be on ", x.device(), ", got ", t->device());
@@ -34,7 +35,9 @@ inline int64_t check_w8a16_gemv_args(const at::Tensor& out, const at::Tensor& x,
   TORCH_CHECK(qweight.size(1) == K, "qweight is ", qweight.sizes(), " but x has K = ", K);
   TORCH_CHECK(K % kGemvChunk == 0, "K must be a multiple of ", kGemvChunk, ", got ", K);
   TORCH_CHECK(K <= INT32_MAX && N <= INT32_MAX, "K and N must fit in int32");
-  TORCH_CHECK(out.size(0) == M && out.size(1) == N, "out must be [", M, ", ", N, "], got ", out.sizes());
+  TORCH_CHECK(!glu || N % 2 == 0, "qweight must hold gate and up rows (an even count), got ", N);
+  const int64_t n_out = glu ? N / 2 : N;
+  TORCH_CHECK(out.size(0) == M && out.size(1) == n_out, "out must be [", M, ", ", n_out, "], got ", out.sizes());
   TORCH_CHECK(out.is_contiguous(), "out must be contiguous");
   TORCH_CHECK(qweight.is_contiguous() && is_aligned16(qweight.const_data_ptr()),
               "qweight must be contiguous and 16-byte aligned");
@@ -50,6 +53,7 @@ inline int64_t check_w8a16_gemv_args(const at::Tensor& out, const at::Tensor& x,
     TORCH_CHECK(group_size % kGemvChunk == 0, "group size must be a multiple of ", kGemvChunk, ", got ", group_size);
   }
   if (bias.has_value()) {
+    TORCH_CHECK(!glu, "the fused SiLU GEMV takes no bias");
     TORCH_CHECK(bias->device() == x.device() && bias->scalar_type() == dtype, "bias must be ", dtype, " on ",
                 x.device());
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(), "bias must be contiguous [N]");

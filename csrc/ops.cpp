@@ -21,6 +21,8 @@ TORCH_LIBRARY(decoding, m) {
   // W8A16 decode GEMV (1..16 tokens): out <- x @ (qweight * scales)^T + bias, int8 weights with fp32
   // scales per output channel [N] or per group [N, K / group_size], fp32 accumulation.
   m.def("w8a16_gemv(Tensor! out, Tensor x, Tensor qweight, Tensor scales, Tensor? bias) -> ()");
+  // out [M, I] <- silu(x @ gate^T) * (x @ up^T), the W8A16 GEMV over qweight = gate | up [2I, K] and its scales.
+  m.def("w8a16_gemv_silu_mul(Tensor! out, Tensor x, Tensor qweight, Tensor scales) -> ()");
 }
 
 extern "C" PyMODINIT_FUNC PyInit__C(void) {

@@ -32,6 +32,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "linear_silu_mul": {"reference": lambda x, w: reference.silu_and_mul_ref(torch.nn.functional.linear(x, w))},
     "sample_tokens": {"reference": lambda logits, state: _sampler().sample_tokens_ref(logits, state)},
     "w8a16_linear": {"reference": reference.w8a16_linear_ref},
+    "w8a16_linear_silu_mul": {"reference": reference.w8a16_linear_silu_mul_ref},
     "w8a8_linear": {"reference": reference.w8a8_linear_ref},
     "quantize_per_token": {"reference": reference.quantize_per_token_ref},
     "column_absmax": {"reference": reference.column_absmax_ref},
@@ -140,18 +141,38 @@ def _w8a16_many_tokens(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
     return torch.nn.functional.linear(x, dequantize_weight(qweight, scales).to(x.dtype), bias)
 
 
-def _ext_w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                      bias: torch.Tensor | None = None) -> torch.Tensor:
+def _w8a16_gemv_ok(x: torch.Tensor, scales: torch.Tensor) -> bool:
+    """Whether the CUDA W8A16 GEMV serves this call (else the tensor-core path does)."""
     num_tokens, k = x.shape
     group = k // scales.shape[1] if scales.dim() == 2 else k
     most = _GEMV_PREFERRED_TOKENS if "triton" in _IMPLS["w8a16_linear"] else _GEMV_MAX_TOKENS
-    if not (1 <= num_tokens <= most and x.dtype in (torch.bfloat16, torch.float16)
-            and k % _GEMV_CHUNK == 0 and group % _GEMV_CHUNK == 0):
-        return _w8a16_many_tokens(x, qweight, scales, bias)
+    return (1 <= num_tokens <= most and x.dtype in (torch.bfloat16, torch.float16)
+            and k % _GEMV_CHUNK == 0 and group % _GEMV_CHUNK == 0)
+
+
+def _gemv_rows(x: torch.Tensor) -> torch.Tensor:
+    """x, or a contiguous copy when its rows are not 16-byte aligned as the GEMV reads them."""
     if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
-        x = x.contiguous()
-    out = torch.empty(num_tokens, qweight.shape[0], dtype=x.dtype, device=x.device)
+        return x.contiguous()
+    return x
+
+
+def _ext_w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    if not _w8a16_gemv_ok(x, scales):
+        return _w8a16_many_tokens(x, qweight, scales, bias)
+    x = _gemv_rows(x)
+    out = torch.empty(x.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
     torch.ops.decoding.w8a16_gemv(out, x, qweight, scales, bias)
+    return out
+
+
+def _ext_w8a16_linear_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    if not _w8a16_gemv_ok(x, scales):
+        return silu_and_mul(_w8a16_many_tokens(x, qweight, scales, None))
+    x = _gemv_rows(x)
+    out = torch.empty(x.shape[0], qweight.shape[0] // 2, dtype=x.dtype, device=x.device)
+    torch.ops.decoding.w8a16_gemv_silu_mul(out, x, qweight, scales)
     return out
 
 
@@ -169,6 +190,8 @@ def _register_extension() -> None:
 
     if _has_kernel("w8a16_gemv", "CUDA"):
         _IMPLS["w8a16_linear"]["cuda"] = _ext_w8a16_linear
+    if _has_kernel("w8a16_gemv_silu_mul", "CUDA"):
+        _IMPLS["w8a16_linear_silu_mul"]["cuda"] = _ext_w8a16_linear_silu_mul
 
     # Fake (meta) kernels: these ops only write their Tensor! arguments, so tracing needs no outputs.
     @torch.library.register_fake("decoding::rms_norm")
@@ -183,10 +206,14 @@ def _register_extension() -> None:
                     bias: torch.Tensor | None) -> None:
         return None
 
-    try:
-        torch.library.register_fake("decoding::w8a16_gemv")(_w8a16_fake)
-    except RuntimeError:  # an extension built from older sources has no such schema
-        pass
+    def _w8a16_silu_mul_fake(out: torch.Tensor, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        return None
+
+    for schema, fake in (("w8a16_gemv", _w8a16_fake), ("w8a16_gemv_silu_mul", _w8a16_silu_mul_fake)):
+        try:
+            torch.library.register_fake(f"decoding::{schema}")(fake)
+        except RuntimeError:  # an extension built from older sources has no such schema
+            pass
 
 
 _EXTENSION_ERROR = _load_extension()
@@ -213,6 +240,7 @@ if _TRITON_NORM is not None:
     from decoding.kernels import int8 as _triton_int8
 
     _IMPLS["w8a16_linear"]["triton"] = _triton_int8.w8a16_linear
+    _IMPLS["w8a16_linear_silu_mul"]["triton"] = lambda x, q, s: silu_and_mul(_triton_int8.w8a16_linear(x, q, s, None))
     _IMPLS["w8a8_linear"]["triton"] = _triton_int8.w8a8_linear
     _IMPLS["quantize_per_token"]["triton"] = _triton_int8.quantize_per_token
     _IMPLS["column_absmax"]["triton"] = _triton_int8.column_absmax
@@ -349,6 +377,15 @@ def w8a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     scales: fp32 [N] per output channel, or [N, K // group_size]. On CUDA, 1..16 tokens run the GEMV.
     """
     return _call("w8a16_linear", x.device)(x, qweight, scales, bias)
+
+
+def w8a16_linear_silu_mul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of w8a16_linear(x, qweight, scales), qweight = gate rows | up rows [2I, K] int8.
+
+    -> [num_tokens, I] in x's dtype. On CUDA, decode sizes run one fused GEMV (the MLP's gate/up projection
+    and its activation), with the unfused ops' roundings (see reference.w8a16_linear_silu_mul_ref).
+    """
+    return _call("w8a16_linear_silu_mul", x.device)(x, qweight, scales)
 
 
 def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,

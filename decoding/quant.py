@@ -136,9 +136,20 @@ class Int8Linear(nn.Module):
     def _forward_2d(self, x2: torch.Tensor) -> torch.Tensor:
         return self._w8a16(x2)
 
+    def _silu_mul_2d(self, x2: torch.Tensor) -> torch.Tensor:
+        return ops.w8a16_linear_silu_mul(x2, self.qweight, self.scales)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         return self._forward_2d(x.reshape(-1, self.in_features)).view(*lead, self.out_features)
+
+    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this layer's output (rows: gate | up): the MLP's hook (models/llama.py), one
+        fused GEMV at decode sizes on CUDA."""
+        if self.bias is not None:
+            return ops.silu_and_mul(self(x))
+        lead = x.shape[:-1]
+        return self._silu_mul_2d(x.reshape(-1, self.in_features)).view(*lead, self.out_features // 2)
 
 
 class W8A8Linear(Int8Linear):
@@ -160,6 +171,11 @@ class W8A8Linear(Int8Linear):
         if x2.shape[0] <= self.min_tokens:
             return self._w8a16(x2)
         return ops.w8a8_linear(x2, self.qweight, self.scales, self.bias, self.threshold, self.max_outliers)
+
+    def _silu_mul_2d(self, x2: torch.Tensor) -> torch.Tensor:
+        if x2.shape[0] <= self.min_tokens:
+            return super()._silu_mul_2d(x2)
+        return ops.silu_and_mul(self._forward_2d(x2))
 
 
 # ----------------------------------------------------------------------------- the model swap

@@ -183,6 +183,11 @@ def w8a16_linear_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
     return y.to(x.dtype)
 
 
+def w8a16_linear_silu_mul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """silu_and_mul_ref(w8a16_linear_ref(x, qweight, scales)): qweight holds the gate rows then the up rows."""
+    return silu_and_mul_ref(w8a16_linear_ref(x, qweight, scales))
+
+
 def round_half_away_ref(v: torch.Tensor) -> torch.Tensor:
     """Round to nearest, ties away from zero (the int8 kernels' rounding), on fp32."""
     return torch.where(v >= 0, v + 0.5, v - 0.5).trunc()

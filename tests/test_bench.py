@@ -18,6 +18,23 @@ def test_run_reports_consistent_figures():
     assert r.pct_of_copy_bw == pytest.approx(expected_pct, rel=1e-6)
 
 
+def test_timed_prefill_is_not_a_prefix_cache_hit():
+    """The warm-up prompts differ from the timed ones: with the same tokens the timed prefill would reuse the
+    cached blocks and compute only the last one, so TTFT would time a 16-token prefill (at sizes the
+    warm-up never compiled for) instead of the whole prompt."""
+    import time
+
+    import torch
+
+    config = bench.preset_config("tiny")
+    with bench.random_generator(config, "cpu", torch.float32, max_num_seqs=2) as gen:
+        bench._decode(gen, "tiny", config, 2, 32, 3, torch.device("cpu"), torch.float32, None, False, lambda: None,
+                      time.perf_counter())
+        metrics = gen.metrics()
+    assert metrics["prefill_tokens_total"] == 2 * 2 * 32  # warm-up and timed batches, every prompt token computed
+    assert metrics["prefix_cache_hit_rate"] == 0.0
+
+
 def test_weight_bytes_count_the_lm_head_but_not_an_untied_embedding():
     untied = bench.random_generator(bench.preset_config("tiny"), "cpu", __import__("torch").float32).model
     params = sum(p.numel() for p in untied.parameters())

@@ -77,6 +77,22 @@ def test_linear_layers_match_dequantized_linear():
     torch.testing.assert_close(w8a8(large), w8a8_linear_ref(large, w8a8.qweight, w8a8.scales, w8a8.bias, 6.0, 8))
 
 
+def test_forward_silu_mul_is_the_unfused_activation():
+    """The MLP's hook (LlamaMLP calls gate_up.forward_silu_mul): silu_and_mul of the layer's own output, for
+    leading batch dims, group-wise scales, a bias (unfused), and W8A8 on both sides of min_tokens."""
+    from decoding import ops
+
+    lin, lin_bias = torch.nn.Linear(64, 48, bias=False), torch.nn.Linear(64, 48, bias=True)
+    layers = [quant.Int8Linear.from_linear(lin), quant.Int8Linear.from_linear(lin, group_size=32),
+              quant.Int8Linear.from_linear(lin_bias),
+              quant.W8A8Linear.from_linear(lin, threshold=6.0, max_outliers=8, min_tokens=4)]
+    for layer in layers:
+        for x in (torch.randn(2, 1, 64), torch.randn(3, 5, 64)):  # 2 and 15 tokens
+            out = layer.forward_silu_mul(x)
+            assert out.shape == (*x.shape[:-1], 24)
+            assert torch.equal(out, ops.silu_and_mul(layer(x)))
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("llama")
@@ -118,6 +134,20 @@ def test_generation_agrees_with_unquantized(ckpt, mode):
     ref = prefill_logits(base.model, ids)[0]
     got = prefill_logits(q.model, ids)[0]
     assert ((got - ref).norm() / ref.norm()).item() < 0.05
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_int8_decode_steps_agree_with_prefill_on_cuda(ckpt):
+    """On CUDA, decode steps run the W8A16 GEMVs (gate/up fused with SiLU·up) in CUDA graphs and a prefill
+    runs the Triton GEMM: teacher-forced, the quantized model's prefill picks the tokens its own decode
+    steps chose, up to bf16 near-ties (with a broken layer, agreement falls to ~0.3: module docstring)."""
+    from decoding import ops
+
+    if ops.select("w8a16_linear_silu_mul", "cuda") != "cuda":
+        pytest.skip("no CUDA W8A16 GEMV in this build")
+    q = Generator.from_pretrained(ckpt, device="cuda", progress=False, quantize="int8")
+    assert _greedy_agreement(q, q, PROMPTS, 24) >= 0.9
 
 
 def test_quantize_at_load_qwen2_bias(tmp_path):

@@ -32,74 +32,23 @@
 #include <cstdlib>
 #include <string>
 
+#include "gemv_common.cuh"
 #include "pdl.h"
 
 namespace decoding {
 namespace {
 
-constexpr int kWarpSize = 32;
-constexpr int kWarps = 4;      // warps per block
-constexpr int kChunk = 8;      // elements per 16-byte load
-constexpr int kMaxRows = 8;    // largest M with a kernel instance
-constexpr int kSplitMaxThreads = 256;  // threads per block of the split-K kernel
+using gemv_common::finish;
+using gemv_common::kWarpSize;
+using gemv_common::load_stream;
+using gemv_common::unpack8;
+using gemv_common::warp_sum;
+using gemv_common::weight_rows;
 
-template <typename T>
-__device__ __forceinline__ void unpack8(const uint4& raw, float (&f)[kChunk]);
-
-template <>
-__device__ __forceinline__ void unpack8<c10::BFloat16>(const uint4& raw, float (&f)[kChunk]) {
-  const __nv_bfloat162* p = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __bfloat1622float2(p[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
-
-template <>
-__device__ __forceinline__ void unpack8<c10::Half>(const uint4& raw, float (&f)[kChunk]) {
-  const __half2* p = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __half22float2(p[i]);
-    f[2 * i] = t.x;
-    f[2 * i + 1] = t.y;
-  }
-}
-
-// Weights are read once per step: stream them past L1.
-__device__ __forceinline__ uint4 load_stream(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-template <typename T>
-__device__ __forceinline__ float round_to(float v) {
-  return static_cast<float>(static_cast<T>(v));
-}
-
-// The weight rows that R output rows from row0 read: theirs, and with GLU their up rows n_out further on.
-// Rows past n_out repeat the last one (their store is skipped).
-template <typename T, int R, bool GLU>
-__device__ __forceinline__ void weight_rows(const T* (&rows)[GLU ? 2 * R : R], const T* w, int row0, int n_out,
-                                            int K) {
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int row = min(row0 + r, n_out - 1);
-    rows[r] = w + static_cast<int64_t>(row) * K;
-    if constexpr (GLU) rows[R + r] = w + static_cast<int64_t>(row + n_out) * K;
-  }
-}
+constexpr int kWarps = 4;                   // warps per block
+constexpr int kChunk = gemv_common::kPack;  // elements per 16-byte load
+constexpr int kMaxRows = 8;                 // largest M with a kernel instance
+constexpr int kSplitMaxThreads = 256;       // threads per block of the split-K kernel
 
 // acc[j][m] += the 8 weights wv[j] (elements k..k+7 of weight row j) times the same elements of x row m.
 template <typename T, int M, int NW>
@@ -117,20 +66,6 @@ __device__ __forceinline__ void fma_chunk(float (&acc)[NW][M], const uint4 (&wv)
 #pragma unroll
       for (int e = 0; e < kChunk; ++e) acc[j][m] = fmaf(wf[e], xf[m][e], acc[j][m]);
   }
-}
-
-// One output from its fp32 dot product(s): + bias, or silu(gate) * up with the unfused ops' roundings.
-template <typename T, bool GLU>
-__device__ __forceinline__ T finish(float dot, float up_dot, const T* __restrict__ bias, int row) {
-  float y;
-  if constexpr (GLU) {
-    const float gate = round_to<T>(dot);
-    const float up = round_to<T>(up_dot);
-    y = round_to<T>(gate / (1.f + __expf(-gate))) * up;
-  } else {
-    y = dot + (bias != nullptr ? static_cast<float>(bias[row]) : 0.f);
-  }
-  return static_cast<T>(y);
 }
 
 // M activation rows, R output rows per warp, U 16-byte chunks in flight per lane and weight row.
