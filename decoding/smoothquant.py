@@ -127,13 +127,10 @@ def fold_smoothing(model: nn.Module, act_amax: dict[str, torch.Tensor], alpha: f
         attn, mlp = block.attn, block.mlp
         if heads * dim != attn.o.in_features or attn.qkv.out_features != q_size + 2 * kv_size:
             raise InvalidRequest("fold_smoothing needs a whole (not tensor-parallel) unquantized model")
-        device = attn.o.weight.device
-
-        def amax(path: str) -> torch.Tensor:
-            return act_amax[f"layers.{i}.{path}"].to(device)
-
+        amax = {path: act_amax[f"layers.{i}.{path}"].to(attn.o.weight.device)
+                for path in ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")}
         # o: one scale per kv-head channel (g, d), from the maxima over the q heads h of group g.
-        x_o = amax("attn.o").view(kv_heads, group, dim).amax(1)
+        x_o = amax["attn.o"].view(kv_heads, group, dim).amax(1)
         w_o = attn.o.weight.abs().amax(0).float().view(kv_heads, group, dim).amax(1)
         s_o = smooth_scales(x_o, w_o, alpha)  # [kv_heads, dim]
         _scale_(attn.o.weight, s_o[:, None, :].expand(kv_heads, group, dim).reshape(1, q_size))
@@ -142,7 +139,7 @@ def fold_smoothing(model: nn.Module, act_amax: dict[str, torch.Tensor], alpha: f
         if attn.qkv.bias is not None:
             _scale_(attn.qkv.bias[v_rows], 1.0 / s_o.reshape(kv_size))
         # down: one scale per intermediate channel, divided out of up's rows (and bias).
-        s_down = smooth_scales(amax("mlp.down"), mlp.down.weight.abs().amax(0), alpha)
+        s_down = smooth_scales(amax["mlp.down"], mlp.down.weight.abs().amax(0), alpha)
         _scale_(mlp.down.weight, s_down[None, :])
         up_rows = slice(inter, 2 * inter)
         _scale_(mlp.gate_up.weight[up_rows], 1.0 / s_down[:, None])
@@ -151,7 +148,7 @@ def fold_smoothing(model: nn.Module, act_amax: dict[str, torch.Tensor], alpha: f
         # qkv and gate_up: into the RMSNorm weights (their column maxima now include the v / up scaling).
         for linear, norm, path in ((attn.qkv, block.input_norm, "attn.qkv"),
                                    (mlp.gate_up, block.post_attn_norm, "mlp.gate_up")):
-            s = smooth_scales(amax(path), linear.weight.abs().amax(0), alpha)
+            s = smooth_scales(amax[path], linear.weight.abs().amax(0), alpha)
             _scale_(linear.weight, s[None, :])
             _scale_(norm.weight, 1.0 / s)
 
