@@ -60,13 +60,20 @@ def _outlier_epilogue(y, xo_ptr, wo_ptr, stride_xo, stride_wo, n_out, offs_m, of
 
 
 @triton.jit
+def _prefetch_l1(ptrs):
+    # A hint only: the lines of these addresses into this SM's L1 (nothing is returned or waited for).
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _int8_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, xo_ptr, wo_ptr, cnt_ptr, M, N, K,
                           KO, stride_xo, stride_wo, HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
                           HAS_CNT: tl.constexpr, KO_PAD: tl.constexpr, OUT_INT32: tl.constexpr,
                           FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
                           SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-                          BLOCK_O: tl.constexpr):
+                          BLOCK_O: tl.constexpr, PREFETCH: tl.constexpr):
     # Persistent: NUM_SMS programs walk the tiles in grouped order. TMA zero-fills loads past M, N, K
     # and clips stores, so tails need no masks in the main loop.
     start = tl.program_id(0)
@@ -79,6 +86,12 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, xo_p
     tile_c = start - NUM_SMS  # a second counter for the epilogue, as in Triton's persistent matmul tutorial
     for tile in tl.range(start, num_m * num_n, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        if HAS_OUTLIERS and PREFETCH:  # the epilogue's first outlier block, on its way to L1 during the K loop
+            if n_out > 0:
+                rows = tl.minimum(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), M - 1)
+                _prefetch_l1(xo_ptr + rows.to(tl.int64) * stride_xo)
+                cols = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+                _prefetch_l1(wo_ptr + cols.to(tl.int64) * stride_wo)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
@@ -102,13 +115,21 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, xo_p
             y = y * tl.load(sb_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
             if HAS_BIAS:
                 y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            if SUBTILE:  # two half-width stores: half the shared-memory staging, one more pipeline stage
+            if SUBTILE == 1:
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
+            else:  # SUBTILE narrower stores: 1 / SUBTILE of the shared-memory staging, room for a stage
                 y = tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
                 y0, y1 = tl.split(y)
-                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y0.to(c_desc.dtype))
-                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], y1.to(c_desc.dtype))
-            else:
-                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
+                if SUBTILE == 2:
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y0.to(c_desc.dtype))
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], y1.to(c_desc.dtype))
+                else:
+                    ya, yb = tl.split(tl.permute(tl.reshape(y0, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
+                    yc, yd = tl.split(tl.permute(tl.reshape(y1, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], ya.to(c_desc.dtype))
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 4], yb.to(c_desc.dtype))
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], yc.to(c_desc.dtype))
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + 3 * BLOCK_N // 4], yd.to(c_desc.dtype))
 
 
 @triton.jit
@@ -169,6 +190,12 @@ TMA_DEFAULT = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8
 TMA_MID = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, SUBTILE=False,
                FLATTEN=True, WS=False)
 _SMEM_LIMIT = 227 * 1024
+# With outlier columns, a 2-way split tile (SUBTILE True) that would lose a pipeline stage to the outlier
+# dot's shared memory stores in 4 quarter-width pieces instead (benches/tune_w8a8.py --part epilogue).
+OUTLIER_QUARTER_STORES = True
+# With outlier columns, prefetch each tile's first block of them into L1 before its K loop, so that the
+# epilogue's loads do not wait on L2 (benches/tune_w8a8.py --part epilogue; never under the interpreter).
+PREFETCH_OUTLIERS = False
 
 
 def tma_config(M: int, N: int, K: int) -> dict:
@@ -191,10 +218,15 @@ def gemm_config(M: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+def store_split(subtile: bool | int) -> int:
+    """Stores per output tile for a config's SUBTILE: False 1, True 2, or the number given (1, 2, 4)."""
+    return 2 if subtile is True else 1 if subtile is False else int(subtile)
+
+
 def smem_bytes(cfg: dict, out_bytes: int, has_outliers: bool) -> int:
     """Shared memory of the TMA kernel: the pipeline stages, the store staging, the outlier dot's operands."""
     stages = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"]
-    staging = cfg["BLOCK_M"] * cfg["BLOCK_N"] * out_bytes // (2 if cfg["SUBTILE"] else 1)
+    staging = cfg["BLOCK_M"] * cfg["BLOCK_N"] * out_bytes // store_split(cfg["SUBTILE"])
     outliers = (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * BLOCK_O * 2 if has_outliers else 0
     return stages + staging + outliers + 1024
 
@@ -224,9 +256,13 @@ def _launch_tma(a, a_scale, b, b_scale, bias, out, x_out, w_out, cnt, cfg: dict)
     has_outliers = x_out is not None and x_out.shape[1] > 0
     out_int32 = out.dtype == torch.int32
     cfg = dict(cfg)
-    subtile = cfg.pop("SUBTILE") and not out_int32
+    split = store_split(cfg.pop("SUBTILE"))
+    split = 1 if out_int32 else split
     flatten, ws = cfg.pop("FLATTEN"), cfg.pop("WS")
-    fit = dict(cfg, SUBTILE=subtile)
+    fit = dict(cfg, SUBTILE=split)
+    too_big = smem_bytes(fit, out.element_size(), has_outliers) > _SMEM_LIMIT
+    if has_outliers and split == 2 and too_big and OUTLIER_QUARTER_STORES:
+        fit["SUBTILE"] = split = 4  # the outlier dot's operands would cost a pipeline stage: this keeps it
     while cfg["num_stages"] > 2 and smem_bytes(fit, out.element_size(), has_outliers) > _SMEM_LIMIT:
         cfg["num_stages"] -= 1
         fit["num_stages"] -= 1
@@ -236,14 +272,14 @@ def _launch_tma(a, a_scale, b, b_scale, bias, out, x_out, w_out, cnt, cfg: dict)
     ko = x_out.shape[1] if has_outliers else 0
     wrap_triton(_int8_gemm_tma_kernel)[grid](
         TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
-        TensorDescriptor.from_tensor(out, [bm, bn // 2 if subtile else bn]), a_scale, b_scale,
+        TensorDescriptor.from_tensor(out, [bm, bn // split]), a_scale, b_scale,
         bias if bias is not None else b_scale, x_out if has_outliers else a_scale,
         w_out if has_outliers else a_scale, cnt if cnt is not None else a_scale, M, N, K, ko,
         x_out.stride(0) if has_outliers else 0, w_out.stride(0) if has_outliers else 0,
         HAS_BIAS=bias is not None, HAS_OUTLIERS=has_outliers, HAS_CNT=cnt is not None,
         KO_PAD=max(BLOCK_O, triton.next_power_of_2(ko)), OUT_INT32=out_int32,
-        FP32_DOT=_INTERPRET or (has_outliers and x_out.dtype == torch.float32), NUM_SMS=num_sms, SUBTILE=subtile,
-        FLATTEN=flatten, WARP_SPECIALIZE=ws, BLOCK_O=BLOCK_O, **cfg)
+        FP32_DOT=_INTERPRET or (has_outliers and x_out.dtype == torch.float32), NUM_SMS=num_sms, SUBTILE=split,
+        FLATTEN=flatten, WARP_SPECIALIZE=ws, BLOCK_O=BLOCK_O, PREFETCH=PREFETCH_OUTLIERS and not _INTERPRET, **cfg)
 
 
 def launch_int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,

@@ -251,7 +251,7 @@ def test_int8_gemm_kernels_interpreted(m, n, k, tma):
     assert torch.equal(acc, torch._int_mm(a, b.t()) if m > 16 else (a.long() @ b.long().t()).int())
     x_out[:, 19:] = float("nan")
     w_out[:, 19:] = 127
-    for subtile in (True, False):
+    for subtile in (True, False, 4):
         cfg = dict(w8a8.tma_config(m, n, k), SUBTILE=subtile) if tma else None
         out = torch.empty(m, n, dtype=torch.bfloat16)
         w8a8.launch_int8_gemm(a, sa, b, sb, bias, out, x_out, w_out, cnt, cfg=cfg, tma=tma)
@@ -436,6 +436,18 @@ def test_int8_gemm_tma_gpu(m, n, k):
         out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
         w8a8.launch_int8_gemm(a, sa, b, sb, bias, out, x_out, w_out, cnt, cfg=cfg, tma=True)
         _check_close(out, expected, torch.bfloat16, "triton")
+    # The outlier epilogue's settings change where the output is staged and what is prefetched, not a bit of it.
+    flags = (w8a8.OUTLIER_QUARTER_STORES, w8a8.PREFETCH_OUTLIERS)
+    outs = []
+    try:
+        for setting in ((False, False), (True, False), (False, True), (True, True)):
+            w8a8.OUTLIER_QUARTER_STORES, w8a8.PREFETCH_OUTLIERS = setting
+            outs.append(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+            w8a8.launch_int8_gemm(a, sa, b, sb, bias, outs[-1], x_out, w_out, cnt, tma=True)
+    finally:
+        w8a8.OUTLIER_QUARTER_STORES, w8a8.PREFETCH_OUTLIERS = flags
+    _check_close(outs[0], expected, torch.bfloat16, "triton")
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
 def _tune_module():
