@@ -39,7 +39,7 @@ ABSMAX_BLOCK_K = 32 if _INTERPRET else 128
 # Abs-max tiles and grid: rows per step, warps, and programs per SM (the row slices make up the rest).
 ABSMAX = dict(BLOCK_M=8, num_warps=4, PER_SM=1) if _INTERPRET else dict(BLOCK_M=32, num_warps=8, PER_SM=2)
 # Columns of the plan's chunks (one program; the next chunk is loaded while one is scanned).
-PLAN_BLOCK = 256 if _INTERPRET else 1024
+PLAN_BLOCK = 256 if _INTERPRET else 2048
 # Rows the quantize kernel holds whole in registers: longer ones are read twice (max, then rounding)
 # unless the abs-max kernel's row maxima are there.
 WHOLE_ROWS_UP_TO = 1024 if _INTERPRET else 8192
