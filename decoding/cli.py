@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     qnt.add_argument("out", help="directory to write (config.json, tokenizer, model.safetensors)")
     qnt.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file (default: embedded)")
     qnt.add_argument("--mode", default="int8", choices=["int8", "w8a8", "w8a8-smooth"])
+    qnt.add_argument("--alpha", type=float, default=0.5, help="w8a8-smooth: SmoothQuant's migration strength")
+    qnt.add_argument("--calibration-tokens", type=int, default=8192,
+                     help="w8a8-smooth: tokens of calibration text (CPython's pydoc reference documentation)")
     qnt.add_argument("--device", default=None)
     qnt.add_argument("--dtype", default="auto")
     return parser
@@ -114,7 +117,11 @@ def _parser() -> argparse.ArgumentParser:
 def _quantize(args: argparse.Namespace) -> None:
     from decoding import Generator
 
-    gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.mode)
+    from decoding.quant import QuantConfig
+
+    mode = args.mode if args.mode != "w8a8-smooth" else QuantConfig(args.mode, alpha=args.alpha,
+                                                                     calibration_tokens=args.calibration_tokens)
+    gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=mode)
     path = gen.save_quantized(args.out)
     print(f"wrote {args.mode} checkpoint to {path}")
 

@@ -162,11 +162,13 @@ def test_cli_quantize_and_bench(models, tmp_path, capsys):
     from decoding.cli import main
 
     out = tmp_path / "q"
-    assert main(["quantize", str(out), "--model", str(models["llama"]), "--mode", "w8a8-smooth",
-                 "--device", "cpu"]) == 0
+    assert main(["quantize", str(out), "--model", str(models["llama"]), "--mode", "w8a8-smooth", "--alpha", "0.6",
+                 "--calibration-tokens", "512", "--device", "cpu"]) == 0
     assert "wrote w8a8-smooth checkpoint" in capsys.readouterr().out
     assert main(["info", "--model", str(out), "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out)["quantize"] == "w8a8-smooth"
+    with safe_open(str(out / "model.safetensors"), framework="pt") as st:
+        assert st.metadata()["alpha"] == "0.6" and st.metadata()["calibration_tokens"] == "512"
     out = tmp_path / "b.json"
     assert main(["bench", "--shape", "tiny", "--random-weights", "--prompt", "40", "--new", "3", "--device", "cpu",
                  "--quantize", "w8a8,w8a8-smooth", "--compare-bf16", "--json", str(out)]) == 0
