@@ -100,12 +100,13 @@ def teacher_forced_agreement(gen: Generator, prompt_ids: list[int], tokens: list
 
 
 def outlier_stats(gen: Generator, ids: list[int], window: int) -> dict:
-    """Per W8A8 matmul over one window: how many activation columns exceed the threshold."""
+    """Per W8A8 matmul over one window: how many activation columns exceed LLM.int8()'s default threshold."""
     counts = []
+    threshold = quant.QuantConfig("w8a8").threshold
 
     def hook(module, args):
         x = args[0].reshape(-1, module.in_features)
-        counts.append(int((x.abs().amax(0) > module.threshold).sum()))
+        counts.append(int((x.abs().amax(0) > threshold).sum()))
 
     handles = [m.register_forward_pre_hook(hook) for m in gen.model.modules() if isinstance(m, quant.W8A8Linear)]
     window_nll(gen, ids[:window], window, "outlier count")
