@@ -15,7 +15,9 @@ from the ones before it in its window).
 
 Models: the unquantized model in fp32 (the CPU's dtype), then `quantize="int8"` (W8A16: int8 weights,
 activations in fp32 here) and `quantize="w8a8"` (per-token int8 activations with LLM.int8() outlier
-columns over 6.0; every window is a 512-token prefill, so all of it runs in W8A8).
+columns over 6.0; every window is a 512-token prefill, so all of it runs in W8A8). `--modes w8a8-smooth`
+adds SmoothQuant (plain per-token W8A8 after scales calibrated on CPython's pydoc reference
+documentation, pydoc_data.topics: 8192 tokens, disjoint from the Lib/*.py files scored here; --alpha).
 
 Greedy agreement over --tokens generated tokens, per prompt:
 - teacher-forced: the quantized model reads the prompt + the unquantized model's greedy tokens in one
@@ -98,12 +100,13 @@ def teacher_forced_agreement(gen: Generator, prompt_ids: list[int], tokens: list
 
 
 def outlier_stats(gen: Generator, ids: list[int], window: int) -> dict:
-    """Per W8A8 matmul over one window: how many activation columns exceed the threshold."""
+    """Per W8A8 matmul over one window: how many activation columns exceed LLM.int8()'s default threshold."""
     counts = []
+    threshold = quant.QuantConfig("w8a8").threshold
 
     def hook(module, args):
         x = args[0].reshape(-1, module.in_features)
-        counts.append(int((x.abs().amax(0) > module.threshold).sum()))
+        counts.append(int((x.abs().amax(0) > threshold).sum()))
 
     handles = [m.register_forward_pre_hook(hook) for m in gen.model.modules() if isinstance(m, quant.W8A8Linear)]
     window_nll(gen, ids[:window], window, "outlier count")
@@ -122,6 +125,7 @@ def main() -> None:
     p.add_argument("--w8a8-everywhere", action="store_true", help="quantize activations at decode steps too")
     p.add_argument("--max-outliers", type=int, default=None, help="w8a8: override QuantConfig.max_outliers")
     p.add_argument("--threshold", type=float, default=None, help="w8a8: override QuantConfig.threshold")
+    p.add_argument("--alpha", type=float, default=0.5, help="w8a8-smooth: SmoothQuant's migration strength")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -141,7 +145,10 @@ def main() -> None:
     print(f"fp32: perplexity {math.exp(nll / n):.4f} over {n} predicted tokens")
 
     for mode in args.modes.split(","):
-        gen = Generator.from_pretrained(device="cpu", dtype="float32", progress=False, quantize=mode)
+        qc = quant.QuantConfig(mode, alpha=args.alpha) if mode == "w8a8-smooth" else mode
+        gen = Generator.from_pretrained(device="cpu", dtype="float32", progress=mode == "w8a8-smooth", quantize=qc)
+        if getattr(gen.model, "calibration", None):
+            print(f"{mode}: alpha {args.alpha}, calibrated on {gen.model.calibration}")
         for m in gen.model.modules():
             if isinstance(m, quant.W8A8Linear):
                 m.min_tokens = 0 if args.w8a8_everywhere else m.min_tokens
@@ -156,6 +163,8 @@ def main() -> None:
             free.append(same)
         entry = {"ppl": ppl, "ppl_change_pct": 100 * (ppl / results["modes"]["fp32"]["ppl"] - 1),
                  "teacher_forced_agreement": forced, "free_running_identical_prefix": free}
+        if mode == "w8a8-smooth":
+            entry.update(alpha=args.alpha, calibration=gen.model.calibration)
         if mode == "w8a8":
             entry["outliers"] = outlier_stats(gen, ids, args.window)
         results["modes"][mode] = entry

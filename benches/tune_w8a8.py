@@ -1,6 +1,18 @@
 """W8A8 prefill on the Llama-3-8B projections: bf16 vs the int8 GEMMs and the whole W8A8 linear, one command.
 
     python benches/tune_w8a8.py [--tokens 2048] [--out $OUT/tune_w8a8.json]
+    python benches/tune_w8a8.py --part prep [--out $OUT/tune_w8a8_prep.json]    # about a minute
+    python benches/tune_w8a8.py --part epilogue [--out $OUT/tune_w8a8_epilogue.json]
+
+--part prep sweeps the preparation kernels alone (kernels/w8a8_prep.py: the abs-max + plan kernel over
+ABSMAX_CONFIGS, the quantize kernel over QUANT_CONFIGS with and without the abs-max kernel's row
+maxima), each first checked bit for bit against the default config, and prints each time with its
+bytes over the device-to-device copy bandwidth measured the same way in the same run.
+
+--part epilogue times the TMA GEMM (table configs) with 6 live outlier columns of 64 against the same
+GEMM without them, for each setting of w8a8.OUTLIER_QUARTER_STORES (quarter-width output stores, so the
+outlier dot's shared memory does not cost a pipeline stage) and w8a8.PREFETCH_OUTLIERS (each tile's
+outlier block prefetched into L1 before its K loop); outputs checked equal across settings.
 
 For each projection (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336) at --tokens:
 - bf16 F.linear (cuBLAS), the baseline of every ratio;
@@ -106,6 +118,110 @@ def precheck(indices: list[int], timeout: int = 240) -> dict[int, str]:
     return status
 
 
+# --part prep. Abs-max kernel: rows per step, warps, programs per SM (the first is w8a8_prep.ABSMAX).
+ABSMAX_CONFIGS = [dict(BLOCK_M=32, num_warps=8, PER_SM=2), dict(BLOCK_M=16, num_warps=8, PER_SM=4),
+                  dict(BLOCK_M=32, num_warps=8, PER_SM=3), dict(BLOCK_M=16, num_warps=8, PER_SM=6),
+                  dict(BLOCK_M=16, num_warps=4, PER_SM=6)]
+# Quantize kernel by K: tokens a program, columns a step (>= K: the whole row in registers), warps.
+QUANT_CONFIGS = {4096: [dict(ROWS=1, BLOCK=4096, num_warps=8), dict(ROWS=1, BLOCK=4096, num_warps=4),
+                        dict(ROWS=1, BLOCK=4096, num_warps=16), dict(ROWS=2, BLOCK=4096, num_warps=16)],
+                 14336: [dict(ROWS=1, BLOCK=4096, num_warps=8), dict(ROWS=1, BLOCK=2048, num_warps=4),
+                         dict(ROWS=1, BLOCK=8192, num_warps=16), dict(ROWS=1, BLOCK=16384, num_warps=16)]}
+
+
+def run_prep(m: int, out_path: str) -> None:
+    """Each preparation kernel per config at the 8B input widths, as bytes / time against the copy bandwidth."""
+    from decoding.kernels import w8a8, w8a8_prep
+
+    t0 = time.time()
+    print(torch.cuda.get_device_name(), torch.__version__, f"M={m}", flush=True)
+    results = []
+    for k in (4096, 14336):
+        xs = [_activations(m, k, True).roll(i, 0) for i in range(copies_for(2 * m * k, 256 << 20))]
+        dst = [torch.empty_like(x) for x in xs]
+        nbytes = 2 * m * k
+        copy_s = time_rotating([lambda x=x, d=d: d.copy_(x) for x, d in zip(xs, dst)])
+        copy_bw = 2 * nbytes / copy_s
+        print(f"\nK={k}: x [{m}, {k}] bf16 {nbytes / 1e6:.1f} MB, x{len(xs)} copies; copy {copy_s * 1e6:.1f} us = "
+              f"{copy_bw / 1e9:.0f} GB/s (read + write)", flush=True)
+        ref = [w8a8.absmax_plan(x, 6.0, 64) for x in xs]
+        w = torch.randint(-127, 128, (4096, k), dtype=torch.int8, device="cuda")
+
+        def report(label: str, seconds: float, moved: int) -> None:
+            print(f"  {label:<58} {seconds * 1e6:8.1f} us  {moved / seconds / 1e9:6.0f} GB/s = "
+                  f"{100 * moved / seconds / copy_bw:3.0f}% of copy", flush=True)
+            results.append(dict(k=k, label=label, us=seconds * 1e6, bytes=moved, copy_GBps=copy_bw / 1e9))
+
+        for cfg in ABSMAX_CONFIGS:
+            _, idx, cnt, keep, rmax = w8a8_prep.absmax_plan(xs[0], 6.0, 64, reuse=True, cfg=cfg)
+            blocks, slices, _ = w8a8_prep.absmax_grid(m, k, xs[0].device, cfg)
+            same = all(torch.equal(a, b) for a, b in zip((idx, cnt, keep), ref[0][1:4]))
+            same &= torch.equal(rmax, w8a8_prep.absmax_plan(xs[0], 6.0, 64)[4])
+            t = time_rotating([lambda x=x: w8a8_prep.absmax_plan(x, 6.0, 64, reuse=True, cfg=cfg) for x in xs])
+            report(f"abs-max + plan {cfg} grid {blocks}x{slices}{'' if same else ' WRONG'}", t, nbytes)
+        for row_max in (True, False):
+            for cfg in QUANT_CONFIGS[k]:
+                def call(x, r, cfg=cfg):
+                    if row_max:
+                        return w8a8.quantize(x, r[3], r[2], r[1], w, r[4], cfg=cfg)
+                    return w8a8.quantize(x, cfg=cfg)
+
+                expected = call(xs[0], ref[0], None)
+                got = call(xs[0], ref[0])
+                same = all(torch.equal(a[:, :6] if i >= 2 else a, b[:, :6] if i >= 2 else b)
+                           for i, (a, b) in enumerate(zip(got, expected)) if a is not None)
+                t = time_rotating([lambda x=x, r=r: call(x, r) for x, r in zip(xs, ref)])
+                what = "quantize, row maxima + 6 outlier cols" if row_max else "quantize, plain (threshold 0)"
+                report(f"{what} {cfg}{'' if same else ' WRONG'}", t, nbytes + m * k)
+    Path(out_path).write_text(json.dumps(dict(m=m, device=torch.cuda.get_device_name(), results=results), indent=1))
+    print(f"wrote {out_path} in {time.time() - t0:.0f} s")
+
+
+def run_epilogue(m: int, out_path: str) -> None:
+    """The TMA GEMM's outlier epilogue under each setting of the two module flags, against no outliers."""
+    from decoding.kernels import w8a8
+
+    t0 = time.time()
+    print(torch.cuda.get_device_name(), torch.__version__, f"M={m}", flush=True)
+    results = []
+    flags = (w8a8.OUTLIER_QUARTER_STORES, w8a8.PREFETCH_OUTLIERS)
+    for name, (n, k) in SHAPES.items():
+        weights = _weights(n, k)
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+        sa = torch.rand(m, device="cuda") * 1e-2
+        x_out = torch.randn(m, 64, device="cuda").to(torch.bfloat16)
+        w_outs = [q[:, :64].contiguous() for q, _ in weights]
+        outs = [torch.empty(m, n, dtype=torch.bfloat16, device="cuda") for _ in weights]
+
+        def gemm(live: int | None) -> tuple[float, torch.Tensor]:
+            cnt = torch.tensor([live or 0], dtype=torch.int32, device="cuda")
+            calls = [lambda q=q, s=s, o=o, wo=wo: w8a8.launch_int8_gemm(
+                         a, sa, q, s, None, o, *((x_out, wo, cnt) if live is not None else ()), tma=True)
+                     for (q, s), o, wo in zip(weights, outs, w_outs)]
+            t = time_rotating(calls)
+            calls[0]()
+            return t, outs[0].clone()
+
+        t_plain, _ = gemm(None)
+        print(f"\n{name} {n}x{k} M={m}: no outlier columns {t_plain * 1e6:.1f} us", flush=True)
+        first = None
+        for quarter in (False, True):
+            for prefetch in (False, True):
+                w8a8.OUTLIER_QUARTER_STORES, w8a8.PREFETCH_OUTLIERS = quarter, prefetch
+                t6, out = gemm(6)
+                t0_live, _ = gemm(0)
+                first = out if first is None else first
+                same = torch.equal(out, first)
+                print(f"  quarter stores {quarter!s:<5} prefetch {prefetch!s:<5}: 6 live cols {t6 * 1e6:7.1f} us "
+                      f"(+{(t6 - t_plain) * 1e6:5.1f}), 0 live {t0_live * 1e6:7.1f} us (+{(t0_live - t_plain) * 1e6:5.1f})"
+                      f"{'' if same else '  WRONG'}", flush=True)
+                results.append(dict(name=name, quarter=quarter, prefetch=prefetch, plain_us=t_plain * 1e6,
+                                    live6_us=t6 * 1e6, live0_us=t0_live * 1e6, same=same))
+        w8a8.OUTLIER_QUARTER_STORES, w8a8.PREFETCH_OUTLIERS = flags
+    Path(out_path).write_text(json.dumps(dict(m=m, device=torch.cuda.get_device_name(), results=results), indent=1))
+    print(f"wrote {out_path} in {time.time() - t0:.0f} s")
+
+
 def _weights(n: int, k: int):
     return random_int8_weights(n, k, copies_for(n * k, 256 << 20))
 
@@ -167,8 +283,8 @@ def run(m: int, out_path: str) -> None:
         t_full, t_none, t_plain = full(x_out, 6.0), full(x_none, 6.0), full(x_out, 0.0)
 
         def prep():
-            _, idx, cnt, keep = w8a8.absmax_plan(x_out, 6.0, 64)
-            w8a8.quantize(x_out, keep, cnt, idx, weights[0][0])
+            _, idx, cnt, keep, rmax = w8a8.absmax_plan(x_out, 6.0, 64, reuse=True)
+            w8a8.quantize(x_out, keep, cnt, idx, weights[0][0], rmax)
 
         t_prep = time_rotating([prep] * 8)
         gemm_best = min(cfg_us.values()) / 1e6 if cfg_us else t_table
@@ -205,13 +321,21 @@ def run(m: int, out_path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "tune_w8a8.json"))
+    parser.add_argument("--part", default="gemm", choices=["gemm", "prep", "epilogue"],
+                        help="gemm: the GEMM sweep and the whole linear (default); prep: the preparation kernels; "
+                             "epilogue: the outlier epilogue's two settings")
+    parser.add_argument("--out", default=None, help="JSON results (default $OUT/tune_w8a8[_prep].json)")
     parser.add_argument("--check", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    out = args.out or os.path.join(os.environ.get("OUT", "."), f"tune_w8a8{'' if args.part == 'gemm' else '_' + args.part}.json")
     if args.check is not None:
         _check_child([int(i) for i in args.check.split(",")])
+    elif args.part == "prep":
+        run_prep(args.tokens, out)
+    elif args.part == "epilogue":
+        run_epilogue(args.tokens, out)
     else:
-        run(args.tokens, args.out)
+        run(args.tokens, out)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,9 @@ def weight_bytes_per_step(model: torch.nn.Module) -> int:
     return total
 
 
+RANDOM_CALIBRATION = "random token ids (random weights: the scales do not change plain W8A8's speed)"
+
+
 def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0,
                      tensor_parallel_size: int = 1, all_reduce: str | None = None, quantize: str | None = None,
                      **engine_options):
@@ -75,7 +78,9 @@ def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dty
 
     The weights are the same for every tensor_parallel_size (each rank slices its shard out of the same
     per-tensor draws, loader.random_tensors); over N > 1, N - 1 worker processes are started.
-    quantize="int8"|"w8a8" quantizes the projections afterwards (decoding.quant; one process only).
+    quantize="int8"|"w8a8"|"w8a8-smooth" quantizes the projections afterwards (decoding.quant; one
+    process only). SmoothQuant's scales are calibrated on random token ids (RANDOM_CALIBRATION): with
+    random weights no text means anything, and plain W8A8's speed does not depend on the scales.
     """
     import tokenizers
 
@@ -98,9 +103,13 @@ def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dty
     model = build_model(config, device, dtype)
     load_weights(model, random_tensors(config, device, dtype, seed))
     if quantize is not None:
-        from decoding.quant import quantize_model
+        from decoding import smoothquant
+        from decoding.quant import QuantConfig, quantize_model
 
-        quantize_model(model, quantize)
+        qc = QuantConfig(quantize)
+        windows = (smoothquant.random_windows(config.vocab_size, qc.calibration_tokens, 512, seed)
+                   if qc.mode == "w8a8-smooth" else None)
+        quantize_model(model, qc, calibration=windows, calibration_name=RANDOM_CALIBRATION if windows else "")
     return Generator(model, Tokenizer(tok, []), **engine_options)
 
 
@@ -120,7 +129,11 @@ class BenchResult:
     pct_of_copy_bw: float
     """weight_bytes / ms_per_step over copy_GBps: how close a step comes to the memory roofline."""
     ttft_ms: float
-    """Prefill of the whole batch plus the first token (warm: graphs captured, kernels compiled)."""
+    """Prefill of the whole batch plus the first token (warm: graphs captured, kernels compiled), once,
+    from submitting the requests to the host holding the first tokens."""
+    prefill_ms: float
+    """One prefill step of the whole batch (prompt tokens through every layer, logits of the last ones):
+    median of PREFILL_REPEATS, eager, host-synchronised around the step alone, warm."""
     startup_s: float
     """From creating the Generator (random weights) to the first token of a decode step, cold: prefill,
     graph capture and kernel compilation included (Triton's disk cache may hold earlier compiles)."""
@@ -136,7 +149,9 @@ class BenchResult:
     """2 all-reduces per layer at all_reduce_us (an eager step's cost), and their share of ms_per_step."""
     all_reduce_pct_of_step: float | None = None
     quantize: str | None = None
-    """None (the dtype's weights), "int8" or "w8a8" (decoding.quant)."""
+    """None (the dtype's weights), "int8", "w8a8" or "w8a8-smooth" (decoding.quant)."""
+    calibration: str | None = None
+    """w8a8-smooth: what the SmoothQuant scales were calibrated on."""
 
 
 def run(shape: str, batch: int = 1, prompt: int = 128, new: int = 256, device: str | None = None,
@@ -153,7 +168,7 @@ def run(shape: str, batch: int = 1, prompt: int = 128, new: int = 256, device: s
                           quantize=quantize, max_num_seqs=batch,
                           max_num_batched_tokens=max(batch * prompt, 256)) as gen:
         result = replace(_decode(gen, shape, config, batch, prompt, new, dev, dt, profile, progress, sync, t_start),
-                         quantize=quantize)
+                         quantize=quantize, calibration=getattr(gen.model, "calibration", None))
         if tensor_parallel_size > 1:
             timing = gen.runner.bench_all_reduce(batch * config.hidden_size, dt)
             per_step = 2 * config.num_hidden_layers * timing["eager_us"] / 1e3
@@ -208,9 +223,42 @@ def _decode(gen, shape: str, config: ModelConfig, batch: int, prompt: int, new: 
     decode_s = times[-1] - t_first
     ms = decode_s / max(1, steps - 1) * 1e3
     wbytes = weight_bytes_per_step(gen.model)
+    prefill_ms = _prefill_ms(gen, [r.prompt_ids for r in requests], sync)
     return BenchResult(shape, batch, prompt, new, str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(dev),
                        str(dt).removeprefix("torch."), batch * (steps - 1) / decode_s, ms, wbytes, copy_gbps,
-                       100 * wbytes / (ms / 1e3) / (copy_gbps * 1e9), (t_first - t0) * 1e3, startup_s)
+                       100 * wbytes / (ms / 1e3) / (copy_gbps * 1e9), (t_first - t0) * 1e3, prefill_ms, startup_s)
+
+
+PREFILL_REPEATS = 5
+
+
+def _prefill_ms(gen, prompts: list[list[int]], sync) -> float:
+    """Median time of one prefill step of all the prompts (BenchResult.prefill_ms), on the engine thread
+    between steps, over KV blocks taken from the pool and given back."""
+    from decoding.runner import StepInput
+
+    runner = gen.runner
+
+    def job(engine) -> float:
+        engine.make_room(sum(runner.blocks_for(len(p)) for p in prompts))
+        pool = runner.cache.pool
+        tables = [pool.allocate(runner.blocks_for(len(p))) for p in prompts]
+        lens = [len(p) for p in prompts]
+        inp = StepInput(tables, lens, [t for p in prompts for t in p], lens)
+        try:
+            times = []
+            for _ in range(PREFILL_REPEATS + 1):  # the first one warms this exact shape up
+                sync()
+                t0 = time.perf_counter()
+                runner.step(inp)
+                sync()
+                times.append(time.perf_counter() - t0)
+        finally:
+            for table in tables:
+                pool.free(table)
+        return statistics.median(times[1:]) * 1e3
+
+    return gen.engine.call(job)
 
 
 def main(args) -> None:
@@ -227,9 +275,14 @@ def main(args) -> None:
         rank_devices(resolve_device_dtype(args.device, args.dtype)[0], args.tp)
         shard_config(preset_config(args.shape), args.tp)
     quantize = getattr(args, "quantize", None)
+    modes = quantize.split(",") if quantize else [None]  # several: each quantized model after the baseline
+    from decoding.quant import MODES
+
+    if any(m is not None and m not in MODES for m in modes):
+        raise ValueError(f"--quantize takes modes of {MODES}, comma-separated, got {quantize!r}")
     compare = getattr(args, "compare_bf16", False)
     if compare and quantize is None:
-        raise ValueError("--compare-bf16 needs --quantize int8|w8a8")
+        raise ValueError("--compare-bf16 needs --quantize int8|w8a8|w8a8-smooth")
     if quantize is not None and args.tp > 1:
         raise ValueError("--quantize with --tp is not supported yet")
     common = (args.shape, args.batch, args.prompt, args.new, args.device, args.dtype)
@@ -238,7 +291,10 @@ def main(args) -> None:
         results.append(run(*common))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    results.append(run(*common, args.profile, quantize=quantize))
+    for i, mode in enumerate(modes):
+        if i and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        results.append(run(*common, args.profile if i == len(modes) - 1 else None, quantize=mode))
     if args.tp > 1:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # TP=1's weights are gone: give rank 0's GPU back before the shards load
@@ -251,7 +307,10 @@ def main(args) -> None:
         print(f"  {result.tok_s:.1f} tok/s, {result.ms_per_step:.2f} ms/step, {result.weight_bytes / 1e9:.2f} GB "
               f"weights/step{' per GPU' if result.tensor_parallel_size > 1 else ''}, {result.pct_of_copy_bw:.1f}% of "
               f"the {result.copy_GBps:.0f} GB/s copy bandwidth; TTFT {result.ttft_ms:.0f} ms; "
+              f"prefill {result.prefill_ms:.1f} ms (median of {PREFILL_REPEATS}); "
               f"start-up to first decoded token {result.startup_s:.1f} s")
+        if result.calibration:
+            print(f"  SmoothQuant scales calibrated on {result.calibration}")
         if result.all_reduce_us is not None:
             graph = (f", {result.all_reduce_graph_us:.1f} us in a CUDA graph" if result.all_reduce_graph_us is not None
                      else "")
@@ -260,12 +319,22 @@ def main(args) -> None:
                   f"{result.all_reduce_ms_per_step:.2f} ms, {result.all_reduce_pct_of_step:.0f}% of the step")
     record = asdict(results[0])
     if compare:
-        baseline, result = results
-        speedup = result.tok_s / baseline.tok_s
-        print(f"  speed-up of {quantize} over {baseline.dtype}: {speedup:.2f}x tok/s "
-              f"({baseline.ms_per_step:.2f} -> {result.ms_per_step:.2f} ms/step; TTFT {baseline.ttft_ms:.0f} -> "
-              f"{result.ttft_ms:.0f} ms)")
-        record = {"baseline": asdict(baseline), "quantized": asdict(result), "speedup": speedup}
+        baseline, quantized_runs = results[0], results[1:]
+        speedups, prefill_speedups = {}, {}
+        for result in quantized_runs:
+            speedups[result.quantize] = result.tok_s / baseline.tok_s
+            prefill_speedups[result.quantize] = baseline.prefill_ms / result.prefill_ms
+            print(f"  speed-up of {result.quantize} over {baseline.dtype}: decode {speedups[result.quantize]:.2f}x "
+                  f"tok/s ({baseline.ms_per_step:.2f} -> {result.ms_per_step:.2f} ms/step); prefill "
+                  f"{prefill_speedups[result.quantize]:.2f}x ({baseline.prefill_ms:.1f} -> {result.prefill_ms:.1f} "
+                  f"ms for {result.batch} x {result.prompt} tokens); TTFT {baseline.ttft_ms:.0f} -> "
+                  f"{result.ttft_ms:.0f} ms")
+        if len(quantized_runs) == 1:
+            record = {"baseline": asdict(baseline), "quantized": asdict(quantized_runs[0]),
+                      "speedup": speedups[quantize], "prefill_speedup": prefill_speedups[quantize]}
+        else:
+            record = {"baseline": asdict(baseline), "quantized": [asdict(r) for r in quantized_runs],
+                      "speedup": speedups, "prefill_speedup": prefill_speedups}
     elif len(results) > 1:
         speedup = results[1].tok_s / results[0].tok_s
         print(f"TP={args.tp} vs TP=1: {speedup:.2f}x tok/s")

@@ -17,8 +17,19 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="bfloat16 | float16 | float32 | auto (bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--tensor-parallel-size", "--tp", dest="tp", type=int, default=None,
                    help="split the model over N GPUs (default 1; under torchrun, its number of processes)")
-    p.add_argument("--quantize", default=None, choices=["int8", "w8a8"],
-                   help="quantize on load: int8 weights (int8) or int8 weights and activations (w8a8)")
+    p.add_argument("--quantize", default=None, choices=["int8", "w8a8", "w8a8-smooth"],
+                   help="quantize on load: int8 weights (int8), int8 weights and activations with LLM.int8() "
+                        "outlier columns (w8a8) or after SmoothQuant calibration (w8a8-smooth)")
+
+
+def _quant_modes(value: str) -> str:
+    """bench --quantize: one mode or several, comma-separated."""
+    from decoding.quant import MODES
+
+    bad = [m for m in value.split(",") if m not in MODES]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {bad}; choose from {list(MODES)}, comma-separated")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                        help="also run tensor-parallel over N GPUs (after TP=1, in the same invocation) and compare")
     bench.add_argument("--all-reduce", default=None, choices=["nccl", "symm_mem"],
                        help="TP all-reduce (default: $DECODING_TP_ALLREDUCE or nccl)")
-    bench.add_argument("--quantize", default=None, choices=["int8", "w8a8"], help="quantize the random model")
+    bench.add_argument("--quantize", default=None, type=_quant_modes,
+                       help="int8 | w8a8 | w8a8-smooth (calibrated on random tokens), or several comma-separated: "
+                            "quantize the random model (each mode after the other)")
     bench.add_argument("--compare-bf16", action="store_true",
                        help="with --quantize: also run the unquantized model (--dtype) first and print the speed-up")
     bench.add_argument("--json", default=None, help="also write the result as JSON to this file")
@@ -97,7 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     qnt = sub.add_parser("quantize", help="quantize a checkpoint once and save it (load it later with --model)")
     qnt.add_argument("out", help="directory to write (config.json, tokenizer, model.safetensors)")
     qnt.add_argument("--model", default=None, help="HF checkpoint directory or .gguf file (default: embedded)")
-    qnt.add_argument("--mode", default="int8", choices=["int8", "w8a8"])
+    qnt.add_argument("--mode", default="int8", choices=["int8", "w8a8", "w8a8-smooth"])
+    qnt.add_argument("--alpha", type=float, default=0.5, help="w8a8-smooth: SmoothQuant's migration strength")
+    qnt.add_argument("--calibration-tokens", type=int, default=8192,
+                     help="w8a8-smooth: tokens of calibration text (CPython's pydoc reference documentation)")
     qnt.add_argument("--device", default=None)
     qnt.add_argument("--dtype", default="auto")
     return parser
@@ -106,7 +122,11 @@ def _parser() -> argparse.ArgumentParser:
 def _quantize(args: argparse.Namespace) -> None:
     from decoding import Generator
 
-    gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=args.mode)
+    from decoding.quant import QuantConfig
+
+    mode = args.mode if args.mode != "w8a8-smooth" else QuantConfig(args.mode, alpha=args.alpha,
+                                                                     calibration_tokens=args.calibration_tokens)
+    gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype, quantize=mode)
     path = gen.save_quantized(args.out)
     print(f"wrote {args.mode} checkpoint to {path}")
 

@@ -166,9 +166,10 @@ class Generator:
             "cuda:i"; CPU processes over gloo for device "cpu"). N-1 worker processes are started and
             driven from this one; under torchrun, the ranks are torchrun's (see decoding.parallel).
             Call close() (or use a with block) to stop them; garbage collection and exit also do.
-        quantize : None, "int8" (int8 weights, 16-bit activations) or "w8a8" (int8 weights and per-token
-            int8 activations with LLM.int8() outlier columns), or a decoding.quant.QuantConfig (group
-            size, outlier threshold, ...).
+        quantize : None, "int8" (int8 weights, 16-bit activations), "w8a8" (int8 weights and per-token
+            int8 activations with LLM.int8() outlier columns), "w8a8-smooth" (SmoothQuant scales
+            calibrated on CPython's reference docs and folded into the weights, then plain W8A8), or a
+            decoding.quant.QuantConfig (group size, outlier threshold, alpha, ...).
         engine_options : SchedulerConfig fields (max_num_seqs, gpu_memory_utilization, ...).
         """
         from decoding import loader

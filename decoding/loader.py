@@ -227,7 +227,8 @@ def load(path: str | Path | None, device: torch.device | str, dtype: torch.dtype
     """Load a HF checkpoint directory, a .gguf file (or a directory holding one), or the embedded model (None).
 
     With `tp`, only this rank's shard of the weights is kept (decoding.parallel). quantize: "int8" |
-    "w8a8" | a QuantConfig quantizes the projections on load (decoding.quant), after sharding. A
+    "w8a8" | "w8a8-smooth" | a QuantConfig quantizes the projections on load (decoding.quant), after
+    sharding; "w8a8-smooth" first calibrates on decoding.smoothquant.calibration_text(). A
     directory written by `quant.save_quantized` loads as the quantized model it holds; asking for
     another quantization of it is an error.
     """
@@ -254,7 +255,8 @@ def load(path: str | Path | None, device: torch.device | str, dtype: torch.dtype
         config = ModelConfig.from_hf(ckpt.hf_config)
         model = build_model(config, device, dtype, tp)
         load_weights(model, iter(ckpt.tensors.items()), total=len(ckpt.tensors), progress=progress)
-        return _quantize(model, quantize, progress), Tokenizer.from_gguf(ckpt, config)
+        tokenizer = Tokenizer.from_gguf(ckpt, config)
+        return _quantize(model, quantize, progress, tokenizer), tokenizer
 
     config = ModelConfig.from_file(path / "config.json")
     files = _safetensors_files(path)
@@ -271,8 +273,17 @@ def load(path: str | Path | None, device: torch.device | str, dtype: torch.dtype
         return model, tokenizer
     model = build_model(config, device, dtype, tp)
     load_weights(model, _iter_safetensors(files), total=_count_safetensors(files), progress=progress)
-    return _quantize(model, quantize, progress), tokenizer
+    return _quantize(model, quantize, progress, tokenizer), tokenizer
 
 
-def _quantize(model: LlamaModel, quantize: QuantConfig | None, progress: bool) -> LlamaModel:
-    return model if quantize is None else quant.quantize_model(model, quantize, progress=progress)
+def _quantize(model: LlamaModel, quantize: QuantConfig | None, progress: bool, tokenizer: Tokenizer) -> LlamaModel:
+    if quantize is None:
+        return model
+    calibration, name = None, ""
+    if quantize.mode == "w8a8-smooth":  # SmoothQuant's scales come from the model's activations on real text
+        from decoding import smoothquant
+
+        calibration = smoothquant.calibration_windows(tokenizer, quantize.calibration_tokens)
+        tokens = sum(len(w) for w in calibration)
+        name = f"{smoothquant.CALIBRATION_SOURCE}, {len(calibration)} windows, {tokens} tokens"
+    return quant.quantize_model(model, quantize, progress=progress, calibration=calibration, calibration_name=name)

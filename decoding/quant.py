@@ -8,6 +8,9 @@ checkpoints (safetensors with their scales and a format marker).
   on int8 tensor cores with int32 accumulation, with LLM.int8()'s decomposition: activation columns
   whose max |x| exceeds `threshold` (6.0) go through a 16-bit matmul. Steps of at most `min_tokens` (16)
   tokens use the W8A16 GEMV instead, since int8 tensor cores do not pay at decode sizes.
+- "w8a8-smooth": SmoothQuant (decoding.smoothquant): per-channel scales calibrated on text and folded
+  into the norms and the v / up rows before the weights are quantized, then plain per-token W8A8 (no
+  decomposition unless `threshold` is set).
 
 Only the projections of the decoder blocks are quantized (qkv, o, gate_up, down); the embedding and
 the LM head stay in the model's dtype. `quantize_model` swaps the nn.Linear modules of a loaded
@@ -29,7 +32,9 @@ from decoding import ops
 from decoding.config import ModelConfig
 from decoding.errors import CheckpointError, InvalidRequest
 
-MODES = ("int8", "w8a8")
+MODES = ("int8", "w8a8", "w8a8-smooth")
+# Outlier threshold by mode when QuantConfig.threshold is None.
+_DEFAULT_THRESHOLD = {"int8": 6.0, "w8a8": 6.0, "w8a8-smooth": 0.0}
 # Projections swapped in every decoder block (attribute paths under LlamaBlock).
 LINEARS = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.down")
 # safetensors metadata keys that mark a quantized checkpoint of this format.
@@ -41,19 +46,30 @@ _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", 
 @dataclass(frozen=True, slots=True)
 class QuantConfig:
     mode: str
-    """"int8" (W8A16) or "w8a8"."""
+    """"int8" (W8A16), "w8a8" (LLM.int8()) or "w8a8-smooth" (SmoothQuant, then plain W8A8)."""
     group_size: int | None = None
     """Input columns per weight scale (int8 only); None: one scale per output channel."""
-    threshold: float = 6.0
-    """w8a8: activation columns with max |x| above this go through a 16-bit matmul; 0 disables."""
+    threshold: float | None = None
+    """w8a8 modes: activation columns with max |x| above this go through a 16-bit matmul; 0 disables.
+    None: 6.0 for "w8a8", 0 for "w8a8-smooth"."""
     max_outliers: int = 64
     """w8a8: at most this many outlier columns per matmul (the largest), so no host sync is needed."""
     min_tokens: int = 16
     """w8a8: steps with at most this many tokens use the W8A16 GEMV; 0 quantizes activations always."""
+    alpha: float = 0.5
+    """w8a8-smooth: migration strength in [0, 1], s = max|X|^alpha / max|W|^(1 - alpha)."""
+    calibration_tokens: int = 8192
+    """w8a8-smooth: tokens of calibration text (windows of 512) whose activation maxima set the scales."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise InvalidRequest(f"quantize must be one of {MODES} or None, got {self.mode!r}")
+        if self.threshold is None:  # frozen: the mode's default is written once, here
+            object.__setattr__(self, "threshold", _DEFAULT_THRESHOLD[self.mode])
+        if not 0.0 <= self.alpha <= 1.0:
+            raise InvalidRequest(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.calibration_tokens < 1:
+            raise InvalidRequest(f"calibration_tokens must be >= 1, got {self.calibration_tokens}")
         if self.group_size is not None:
             if self.mode != "int8":
                 raise InvalidRequest("group_size is for quantize='int8' only: W8A8 needs one scale per output "
@@ -195,17 +211,33 @@ def _check_shapes(model: nn.Module, qc: QuantConfig) -> None:
                 raise InvalidRequest(f"group_size {qc.group_size} does not divide {path}'s input size {k}")
 
 
-def quantize_model(model: nn.Module, quant: str | QuantConfig, progress: bool = False) -> nn.Module:
+def quantize_model(model: nn.Module, quant: str | QuantConfig, progress: bool = False,
+                   calibration: list[list[int]] | None = None, calibration_name: str = "") -> nn.Module:
     """Swap the qkv, o, gate_up and down nn.Linear of every block of a loaded LlamaModel for int8 layers.
 
     In place (returns the model). Each bf16/fp16/fp32 weight is quantized on its device and dropped as
     its layer is replaced, so peak memory grows by about one layer. Sets `model.quant` (a QuantConfig).
     Shapes the fast kernels cannot take (K not a multiple of 16) still run, on the reference path.
+    "w8a8-smooth" needs `calibration`: windows of token ids that the unquantized model runs over first
+    (decoding.smoothquant); `calibration_name` says what they are (saved with the checkpoint).
+
+    Example
+    -------
+    >>> windows = smoothquant.calibration_windows(tokenizer, 8192)
+    >>> quantize_model(model, "w8a8-smooth", calibration=windows, calibration_name="my text")
     """
     qc = quant if isinstance(quant, QuantConfig) else QuantConfig(quant)
     if getattr(model, "quant", None) is not None:
         raise InvalidRequest(f"the model is already quantized ({model.quant.mode})")
     _check_shapes(model, qc)
+    if qc.mode == "w8a8-smooth":
+        from decoding import smoothquant
+
+        if not calibration:
+            raise InvalidRequest("quantize='w8a8-smooth' needs calibration token windows (Generator."
+                                 "from_pretrained calibrates on decoding.smoothquant.calibration_text())")
+        smoothquant.smooth_model(model, calibration, qc.alpha, progress=progress)
+        model.calibration = calibration_name or f"{len(calibration)} windows"
     cls, kwargs = _layer_kwargs(qc)
     for block in tqdm(model.layers, desc=f"Quantizing ({qc.mode})", unit="layer", disable=not progress):
         for path in LINEARS:
@@ -251,6 +283,7 @@ def _metadata(qc: QuantConfig, dtype: torch.dtype) -> dict[str, str]:
     return {FORMAT_KEY: FORMAT_VALUE, VERSION_KEY: VERSION_VALUE, "quantize": qc.mode,
             "group_size": str(qc.group_size or 0), "threshold": repr(qc.threshold),
             "max_outliers": str(qc.max_outliers), "min_tokens": str(qc.min_tokens),
+            "alpha": repr(qc.alpha), "calibration_tokens": str(qc.calibration_tokens),
             "dtype": str(dtype).removeprefix("torch.")}
 
 
@@ -265,7 +298,7 @@ def save_quantized(model: nn.Module, tokenizer, path: str | Path) -> Path:
 
     qc = getattr(model, "quant", None)
     if qc is None:
-        raise InvalidRequest("save_quantized needs a quantized model: load it with quantize='int8' or 'w8a8'")
+        raise InvalidRequest(f"save_quantized needs a quantized model: load it with quantize= one of {MODES}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = dataclasses.replace(model.config, eos_token_id=list(tokenizer.eos_token_ids))
@@ -275,7 +308,10 @@ def save_quantized(model: nn.Module, tokenizer, path: str | Path) -> Path:
         {"chat_template": tokenizer.chat_template, "bos_token": tokenizer.bos_token,
          "eos_token": tokenizer.eos_token}, indent=2))
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
-    save_file(tensors, str(path / "model.safetensors"), metadata=_metadata(qc, model.embed_tokens.weight.dtype))
+    meta = _metadata(qc, model.embed_tokens.weight.dtype)
+    if getattr(model, "calibration", None):  # w8a8-smooth: what the scales folded into the weights came from
+        meta["calibration"] = model.calibration
+    save_file(tensors, str(path / "model.safetensors"), metadata=meta)
     return path
 
 
@@ -317,7 +353,8 @@ def _quant_config(meta: dict[str, str]) -> QuantConfig:
     try:
         group = int(meta.get("group_size", "0"))
         return QuantConfig(meta["quantize"], group or None, float(meta.get("threshold", 6.0)),
-                           int(meta.get("max_outliers", 64)), int(meta.get("min_tokens", 16)))
+                           int(meta.get("max_outliers", 64)), int(meta.get("min_tokens", 16)),
+                           float(meta.get("alpha", 0.5)), int(meta.get("calibration_tokens", 8192)))
     except (KeyError, ValueError) as e:  # InvalidRequest is a ValueError: a bad mode lands here too
         raise CheckpointError(f"quantized checkpoint has bad quantization metadata: {e}") from e
 
@@ -332,6 +369,8 @@ def load_quantized(config: ModelConfig, files: list[Path], meta: dict[str, str],
     from safetensors import SafetensorError, safe_open
 
     model = build_quantized_model(config, _quant_config(meta), device, dtype)
+    if "calibration" in meta:
+        model.calibration = meta["calibration"]
     expected = model.state_dict()
     filled: set[str] = set()
     with torch.no_grad():

@@ -1,19 +1,18 @@
-"""W8A8 with LLM.int8()'s decomposition in Triton: the int8 GEMMs and the kernels that prepare their inputs.
+"""W8A8 with LLM.int8()'s decomposition in Triton: the int8 GEMMs, and the linear over them.
 
-At 2048 tokens the linear is four launches (benches/NOTES.md, INT8, lists their bytes):
-1. a memset of a [K + 1] int32 workspace;
-2. `_absmax_plan_kernel`: the column abs-max (atomic max on the fp32 bits), and in the last program to
-   finish (a ticket counter) the outlier plan: the columns over the threshold, or when more than KO
-   exceed it only those above the (KO+1)-th largest maximum (bisection on the bits), their count, and a
-   keep flag per column;
-3. `_quantize_kernel`: per-token int8 with the outlier columns zeroed, the outlier columns' 16-bit
-   activations [M, KO], and the same int8 weight columns gathered into a dense [N, KO] block (only the
-   first `count` columns: none at all when no column exceeds the threshold);
-4. the GEMM: int8 `tl.dot` with int32 accumulation; in the epilogue, a_scale, then the 16-bit dot of the
+At 2048 tokens the linear is three launches (benches/NOTES.md, INT8, lists their bytes):
+1. `_absmax_plan_kernel` (kernels/w8a8_prep.py): the column abs-max and each row's maximum per column
+   block, and in the last program to finish the outlier plan (the columns over the threshold, at most
+   KO of them, their count, a keep flag per column); it leaves its workspace zero, so no memset runs;
+2. `_quantize_kernel` (kernels/w8a8_prep.py): per-token int8 with the outlier columns zeroed, the
+   outlier columns' 16-bit activations [M, KO], and the same int8 weight columns gathered into a dense
+   [N, KO] block (only the first `count` columns: none at all when no column exceeds the threshold);
+3. the GEMM: int8 `tl.dot` with int32 accumulation; in the epilogue, a_scale, then the 16-bit dot of the
    outlier columns accumulated into the same registers, b_scale, bias. From TMA_MIN_TOKENS tokens on a
    GPU with TMA (sm_90+), `_int8_gemm_tma_kernel`: persistent, tensor-descriptor loads and stores, grouped
    tile order; its tiles come from TMA_CONFIGS (benches/tune_w8a8.py sweeps them). Otherwise, and under
    the interpreter unless asked for, the pointer-based `_int8_gemm_kernel`.
+With threshold 0 (plain W8A8, and SmoothQuant's "w8a8-smooth") only 2 and 3 run, without the gathers.
 No host syncs: the number of outlier columns is fixed (KO) and the kernels read the live count on device.
 """
 
@@ -21,23 +20,19 @@ from __future__ import annotations
 
 import functools
 import os
-import struct
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from .w8a8_prep import absmax_plan, outlier_plan, quantize  # noqa: F401  (re-exported: tests, int8.py)
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Columns of the outlier blocks in the GEMM epilogue: the smallest K of a 16-bit wgmma.
 BLOCK_O = 16
 # From this many tokens the persistent TMA kernel runs (smaller M: too few tiles to fill 132 SMs).
 TMA_MIN_TOKENS = 256
-
-
-@triton.jit
-def _round_half_away(v):
-    return tl.where(v >= 0, v + 0.5, v - 0.5).to(tl.int32)
 
 
 @triton.jit
@@ -65,13 +60,20 @@ def _outlier_epilogue(y, xo_ptr, wo_ptr, stride_xo, stride_wo, n_out, offs_m, of
 
 
 @triton.jit
+def _prefetch_l1(ptrs):
+    # A hint only: the lines of these addresses into this SM's L1 (nothing is returned or waited for).
+    tl.inline_asm_elementwise("prefetch.global.L1 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
 def _int8_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, xo_ptr, wo_ptr, cnt_ptr, M, N, K,
                           KO, stride_xo, stride_wo, HAS_BIAS: tl.constexpr, HAS_OUTLIERS: tl.constexpr,
                           HAS_CNT: tl.constexpr, KO_PAD: tl.constexpr, OUT_INT32: tl.constexpr,
                           FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
                           SUBTILE: tl.constexpr, FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-                          BLOCK_O: tl.constexpr):
+                          BLOCK_O: tl.constexpr, PREFETCH: tl.constexpr):
     # Persistent: NUM_SMS programs walk the tiles in grouped order. TMA zero-fills loads past M, N, K
     # and clips stores, so tails need no masks in the main loop.
     start = tl.program_id(0)
@@ -84,6 +86,12 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, xo_p
     tile_c = start - NUM_SMS  # a second counter for the epilogue, as in Triton's persistent matmul tutorial
     for tile in tl.range(start, num_m * num_n, NUM_SMS, flatten=FLATTEN, warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_coords(tile, num_m, num_n, GROUP_M)
+        if HAS_OUTLIERS and PREFETCH:  # the epilogue's first outlier block, on its way to L1 during the K loop
+            if n_out > 0:
+                rows = tl.minimum(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), M - 1)
+                _prefetch_l1(xo_ptr + rows.to(tl.int64) * stride_xo)
+                cols = tl.minimum(pid_n * BLOCK_N + tl.arange(0, BLOCK_N), N - 1)
+                _prefetch_l1(wo_ptr + cols.to(tl.int64) * stride_wo)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         for ki in range(k_tiles):
             a = a_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])
@@ -107,13 +115,21 @@ def _int8_gemm_tma_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, bias_ptr, xo_p
             y = y * tl.load(sb_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
             if HAS_BIAS:
                 y += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            if SUBTILE:  # two half-width stores: half the shared-memory staging, one more pipeline stage
+            if SUBTILE == 1:
+                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
+            else:  # SUBTILE narrower stores: 1 / SUBTILE of the shared-memory staging, room for a stage
                 y = tl.permute(tl.reshape(y, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
                 y0, y1 = tl.split(y)
-                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y0.to(c_desc.dtype))
-                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], y1.to(c_desc.dtype))
-            else:
-                c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y.to(c_desc.dtype))
+                if SUBTILE == 2:
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], y0.to(c_desc.dtype))
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], y1.to(c_desc.dtype))
+                else:
+                    ya, yb = tl.split(tl.permute(tl.reshape(y0, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
+                    yc, yd = tl.split(tl.permute(tl.reshape(y1, (BLOCK_M, 2, BLOCK_N // 4)), (0, 2, 1)))
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], ya.to(c_desc.dtype))
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 4], yb.to(c_desc.dtype))
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + BLOCK_N // 2], yc.to(c_desc.dtype))
+                    c_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N + 3 * BLOCK_N // 4], yd.to(c_desc.dtype))
 
 
 @triton.jit
@@ -158,128 +174,6 @@ def _int8_gemm_kernel(a_ptr, b_ptr, out_ptr, sa_ptr, sb_ptr, bias_ptr, xo_ptr, w
         tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
-def _count_above(ws_ptr, K, t_bits, BLOCK: tl.constexpr):
-    count = 0
-    for k in range(0, K, BLOCK):
-        cols = k + tl.arange(0, BLOCK)
-        bits = tl.load(ws_ptr + cols, mask=cols < K, other=0, volatile=True)
-        count += tl.sum((bits > t_bits).to(tl.int32), axis=0)
-    return count
-
-
-@triton.jit
-def _plan(ws_ptr, idx_ptr, cnt_ptr, keep_ptr, K, KO, threshold_bits, BLOCK: tl.constexpr, KO_PAD: tl.constexpr):
-    # Column maxima are non-negative, so they order as their int32 bit patterns: a bisection on the bits
-    # finds the smallest cut t >= threshold with at most KO columns above it (the (KO+1)-th largest
-    # maximum when more than KO exceed the threshold; a tie at the cut drops the tied columns). Then the
-    # columns above t in column order (a running prefix count), their number, and a keep flag per column.
-    # Volatile loads: the maxima were written by other programs' atomics.
-    t_bits = threshold_bits
-    if _count_above(ws_ptr, K, threshold_bits, BLOCK) > KO:  # the usual case skips the 31 passes
-        lo = threshold_bits
-        hi = 0x7F800000  # +inf: nothing is above it
-        for _ in range(31):
-            mid = lo + (hi - lo) // 2
-            ok = _count_above(ws_ptr, K, mid, BLOCK) <= KO
-            hi = tl.where(ok, mid, hi)
-            lo = tl.where(ok, lo, mid)
-        t_bits = hi
-    count = 0
-    for k in range(0, K, BLOCK):
-        cols = k + tl.arange(0, BLOCK)
-        bits = tl.load(ws_ptr + cols, mask=cols < K, other=0, volatile=True)
-        hit = (bits > t_bits) & (cols < K)
-        pos = count + tl.cumsum(hit.to(tl.int32), axis=0) - 1
-        tl.store(idx_ptr + pos, cols.to(tl.int64), mask=hit)
-        tl.store(keep_ptr + cols, tl.where(hit, 0, 1).to(tl.int8), mask=cols < K)
-        count += tl.sum(hit.to(tl.int32), axis=0)
-    slots = tl.arange(0, KO_PAD)
-    tl.store(idx_ptr + slots, tl.zeros([KO_PAD], dtype=tl.int64), mask=(slots >= count) & (slots < KO))
-    tl.store(cnt_ptr, count)
-
-
-@triton.jit
-def _absmax_plan_kernel(x_ptr, stride_xm, ws_ptr, idx_ptr, cnt_ptr, keep_ptr, M, K, KO, threshold_bits,
-                        PLAN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, PLAN_BLOCK: tl.constexpr,
-                        KO_PAD: tl.constexpr):
-    # ws: [K + 1] int32, zeroed: the column maxima as fp32 bits (non-negative floats order as their
-    # int32 patterns, so an integer atomic max does it), then the ticket counter.
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask = (offs_m < M)[:, None] & (offs_k < K)[None, :]
-    x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=mask, other=0.0)
-    amax = tl.max(tl.abs(x.to(tl.float32)), axis=0)
-    tl.atomic_max(ws_ptr + offs_k, amax.to(tl.int32, bitcast=True), mask=offs_k < K)
-    if PLAN:
-        # The last program to take a ticket runs the plan: every maximum is in by then (each program's
-        # atomics are ordered before its acq_rel ticket by the barrier, as in CUDA's threadfence reduction).
-        tl.debug_barrier()
-        ticket = tl.atomic_add(ws_ptr + K, 1, sem="acq_rel")
-        if ticket == tl.num_programs(0) * tl.num_programs(1) - 1:
-            _plan(ws_ptr, idx_ptr, cnt_ptr, keep_ptr, K, KO, threshold_bits, PLAN_BLOCK, KO_PAD)
-
-
-@triton.jit
-def _load_row(x_row, keep_ptr, cols, K, APPLY_KEEP: tl.constexpr, use_keep):
-    x = tl.load(x_row + cols, mask=cols < K, other=0.0).to(tl.float32)
-    if APPLY_KEEP:  # masked off entirely (no traffic) when no column is an outlier
-        keep = tl.load(keep_ptr + cols, mask=(cols < K) & use_keep, other=1)
-        x = tl.where(keep != 0, x, 0.0)
-    return x
-
-
-@triton.jit
-def _quantize_kernel(x_ptr, stride_xm, keep_ptr, cnt_ptr, idx_ptr, w_ptr, q_ptr, s_ptr, xo_ptr, wo_ptr, M, N, K,
-                     KO, APPLY_KEEP: tl.constexpr, HAS_CNT: tl.constexpr, GATHER: tl.constexpr,
-                     BLOCK: tl.constexpr, SINGLE: tl.constexpr, KO_PAD: tl.constexpr, W_ROWS: tl.constexpr):
-    # Program p: token p (if p < M), and with GATHER also weight rows [p * W_ROWS, (p + 1) * W_ROWS).
-    pid = tl.program_id(0)
-    use_keep = True
-    if HAS_CNT:
-        n_out = tl.load(cnt_ptr)
-        use_keep = n_out > 0
-    if pid < M:
-        row = pid.to(tl.int64)
-        x_row = x_ptr + row * stride_xm
-        if SINGLE:  # the whole row stays in registers between the max and the rounding
-            cols = tl.arange(0, BLOCK)
-            x = _load_row(x_row, keep_ptr, cols, K, APPLY_KEEP, use_keep)
-            amax_row = tl.max(tl.abs(x), axis=0)
-        else:
-            amax = tl.zeros([BLOCK], dtype=tl.float32)
-            for k in range(0, K, BLOCK):
-                xk = _load_row(x_row, keep_ptr, k + tl.arange(0, BLOCK), K, APPLY_KEEP, use_keep)
-                amax = tl.maximum(amax, tl.abs(xk))
-            amax_row = tl.max(amax, axis=0)
-        # Rounding is half away from zero and 127 / amax an IEEE division (div_rn): the reference's values.
-        nonzero = amax_row > 0
-        tl.store(s_ptr + row, tl.where(nonzero, tl.math.div_rn(amax_row, 127.0), 1.0))
-        inv = tl.where(nonzero, tl.math.div_rn(127.0, tl.where(nonzero, amax_row, 1.0)), 1.0)
-        if SINGLE:
-            q = tl.minimum(tl.maximum(_round_half_away(x * inv), -127), 127)
-            tl.store(q_ptr + row * K + cols, q.to(tl.int8), mask=cols < K)
-        else:
-            for k in range(0, K, BLOCK):
-                cols = k + tl.arange(0, BLOCK)
-                xk = _load_row(x_row, keep_ptr, cols, K, APPLY_KEEP, use_keep)
-                q = tl.minimum(tl.maximum(_round_half_away(xk * inv), -127), 127)
-                tl.store(q_ptr + row * K + cols, q.to(tl.int8), mask=cols < K)
-        if GATHER:  # the outlier columns' 16-bit activations (only the live ones are written)
-            slots = tl.arange(0, KO_PAD)
-            live = slots < n_out
-            cols_o = tl.load(idx_ptr + slots, mask=live, other=0)
-            tl.store(xo_ptr + row * KO + slots, tl.load(x_row + cols_o, mask=live, other=0.0), mask=live)
-    if GATHER:  # the same columns of the int8 weights, dense: scattered bytes read once per call, not per tile
-        slots = tl.arange(0, KO_PAD)
-        live = slots < n_out
-        cols_o = tl.load(idx_ptr + slots, mask=live, other=0)
-        rows = pid * W_ROWS + tl.arange(0, W_ROWS)
-        wmask = (rows < N)[:, None] & live[None, :]
-        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols_o[None, :], mask=wmask, other=0)
-        tl.store(wo_ptr + rows[:, None].to(tl.int64) * KO + slots[None, :], w, mask=wmask)
-
-
 # ----------------------------------------------------------------------------- tile configs
 # Persistent TMA GEMM at >= 1024 tokens, by (N, K): the H100 winners of benches/tune_w8a8.py (it prints
 # this table). Keys: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages, SUBTILE, FLATTEN, WS.
@@ -296,6 +190,12 @@ TMA_DEFAULT = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8
 TMA_MID = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=4, SUBTILE=False,
                FLATTEN=True, WS=False)
 _SMEM_LIMIT = 227 * 1024
+# With outlier columns, a 2-way split tile (SUBTILE True) that would lose a pipeline stage to the outlier
+# dot's shared memory stores in 4 quarter-width pieces instead (benches/tune_w8a8.py --part epilogue).
+OUTLIER_QUARTER_STORES = True
+# With outlier columns, prefetch each tile's first block of them into L1 before its K loop, so that the
+# epilogue's loads do not wait on L2 (benches/tune_w8a8.py --part epilogue; never under the interpreter).
+PREFETCH_OUTLIERS = False
 
 
 def tma_config(M: int, N: int, K: int) -> dict:
@@ -318,10 +218,15 @@ def gemm_config(M: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=128, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+def store_split(subtile: bool | int) -> int:
+    """Stores per output tile for a config's SUBTILE: False 1, True 2, or the number given (1, 2, 4)."""
+    return 2 if subtile is True else 1 if subtile is False else int(subtile)
+
+
 def smem_bytes(cfg: dict, out_bytes: int, has_outliers: bool) -> int:
     """Shared memory of the TMA kernel: the pipeline stages, the store staging, the outlier dot's operands."""
     stages = cfg["num_stages"] * (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"]
-    staging = cfg["BLOCK_M"] * cfg["BLOCK_N"] * out_bytes // (2 if cfg["SUBTILE"] else 1)
+    staging = cfg["BLOCK_M"] * cfg["BLOCK_N"] * out_bytes // store_split(cfg["SUBTILE"])
     outliers = (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * BLOCK_O * 2 if has_outliers else 0
     return stages + staging + outliers + 1024
 
@@ -351,9 +256,13 @@ def _launch_tma(a, a_scale, b, b_scale, bias, out, x_out, w_out, cnt, cfg: dict)
     has_outliers = x_out is not None and x_out.shape[1] > 0
     out_int32 = out.dtype == torch.int32
     cfg = dict(cfg)
-    subtile = cfg.pop("SUBTILE") and not out_int32
+    split = store_split(cfg.pop("SUBTILE"))
+    split = 1 if out_int32 else split
     flatten, ws = cfg.pop("FLATTEN"), cfg.pop("WS")
-    fit = dict(cfg, SUBTILE=subtile)
+    fit = dict(cfg, SUBTILE=split)
+    too_big = smem_bytes(fit, out.element_size(), has_outliers) > _SMEM_LIMIT
+    if has_outliers and split == 2 and too_big and OUTLIER_QUARTER_STORES:
+        fit["SUBTILE"] = split = 4  # the outlier dot's operands would cost a pipeline stage: this keeps it
     while cfg["num_stages"] > 2 and smem_bytes(fit, out.element_size(), has_outliers) > _SMEM_LIMIT:
         cfg["num_stages"] -= 1
         fit["num_stages"] -= 1
@@ -363,14 +272,14 @@ def _launch_tma(a, a_scale, b, b_scale, bias, out, x_out, w_out, cnt, cfg: dict)
     ko = x_out.shape[1] if has_outliers else 0
     wrap_triton(_int8_gemm_tma_kernel)[grid](
         TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
-        TensorDescriptor.from_tensor(out, [bm, bn // 2 if subtile else bn]), a_scale, b_scale,
+        TensorDescriptor.from_tensor(out, [bm, bn // split]), a_scale, b_scale,
         bias if bias is not None else b_scale, x_out if has_outliers else a_scale,
         w_out if has_outliers else a_scale, cnt if cnt is not None else a_scale, M, N, K, ko,
         x_out.stride(0) if has_outliers else 0, w_out.stride(0) if has_outliers else 0,
         HAS_BIAS=bias is not None, HAS_OUTLIERS=has_outliers, HAS_CNT=cnt is not None,
         KO_PAD=max(BLOCK_O, triton.next_power_of_2(ko)), OUT_INT32=out_int32,
-        FP32_DOT=_INTERPRET or (has_outliers and x_out.dtype == torch.float32), NUM_SMS=num_sms, SUBTILE=subtile,
-        FLATTEN=flatten, WARP_SPECIALIZE=ws, BLOCK_O=BLOCK_O, **cfg)
+        FP32_DOT=_INTERPRET or (has_outliers and x_out.dtype == torch.float32), NUM_SMS=num_sms, SUBTILE=split,
+        FLATTEN=flatten, WARP_SPECIALIZE=ws, BLOCK_O=BLOCK_O, PREFETCH=PREFETCH_OUTLIERS and not _INTERPRET, **cfg)
 
 
 def launch_int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
@@ -403,71 +312,6 @@ def launch_int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
 
 
 # ----------------------------------------------------------------------------- the pipeline
-def _threshold_bits(threshold: float) -> int:
-    return struct.unpack("<i", struct.pack("<f", threshold))[0]
-
-
-def absmax_plan(x: torch.Tensor, threshold: float, ko: int, plan: bool = True
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Column abs-max of x [M, K] and, with plan, the outlier plan, in one launch (after one memset).
-
-    Returns (amax fp32 [K], idx int64 [ko]: the outlier columns in increasing order then zeros,
-    count int32 [1]: how many, keep int8 [K]: 0 for an outlier column, else 1), as
-    `reference.outlier_columns_ref` (threshold > 0, ko >= 1). Without plan only amax is filled.
-    """
-    M, K = x.shape
-    ws = torch.zeros(K + 1, dtype=torch.int32, device=x.device)
-    idx = torch.empty(ko, dtype=torch.int64, device=x.device)
-    cnt = torch.empty(1, dtype=torch.int32, device=x.device)
-    keep = torch.empty(K, dtype=torch.int8, device=x.device)
-    if M > 0:
-        block_m, block_k = (16, 64) if _INTERPRET else (64, 128)
-        wrap_triton(_absmax_plan_kernel)[(triton.cdiv(M, block_m), triton.cdiv(K, block_k))](
-            x, x.stride(0), ws, idx, cnt, keep, M, K, ko, _threshold_bits(threshold), PLAN=plan,
-            BLOCK_M=block_m, BLOCK_K=block_k, PLAN_BLOCK=min(triton.next_power_of_2(K), 1024 if _INTERPRET else 4096),
-            KO_PAD=max(16, triton.next_power_of_2(ko)), num_warps=4)
-    return ws[:K].view(torch.float32), idx, cnt, keep
-
-
-def quantize(x: torch.Tensor, keep: torch.Tensor | None = None, cnt: torch.Tensor | None = None,
-             idx: torch.Tensor | None = None, w: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Per-token int8 of x [M, K] with the columns where keep [K] (int8) is 0 zeroed: (q, scale, x_out, w_out).
-
-    With cnt/idx/w (the plan and the int8 weights [N, K]), also the first cnt outlier columns of x
-    ([M, KO], x's dtype) and of w ([N, KO] int8); slots past cnt are left unwritten, and keep is not read
-    at all when cnt is 0.
-    """
-    M, K = x.shape
-    q = torch.empty(M, K, dtype=torch.int8, device=x.device)
-    scale = torch.empty(M, dtype=torch.float32, device=x.device)
-    gather = w is not None
-    ko, n = (idx.shape[0], w.shape[0]) if gather else (0, 0)
-    x_out = torch.empty(M, ko, dtype=x.dtype, device=x.device) if gather else None
-    w_out = torch.empty(n, ko, dtype=torch.int8, device=x.device) if gather else None
-    w_rows = 16
-    programs = max(M, triton.cdiv(n, w_rows)) if gather else M
-    if programs == 0:
-        return q, scale, x_out, w_out
-    # Whole rows in registers up to 8192 columns; longer rows (14336) stream twice in 4096-wide blocks.
-    block = min(triton.next_power_of_2(K), 1024 if _INTERPRET else (8192 if K <= 8192 else 4096))
-    dummy = scale
-    wrap_triton(_quantize_kernel)[(programs,)](
-        x, x.stride(0), keep if keep is not None else dummy, cnt if cnt is not None else dummy,
-        idx if gather else dummy, w if gather else dummy, q, scale, x_out if gather else dummy,
-        w_out if gather else dummy, M, n, K, ko, APPLY_KEEP=keep is not None, HAS_CNT=cnt is not None,
-        GATHER=gather, BLOCK=block, SINGLE=block >= K, KO_PAD=max(16, triton.next_power_of_2(ko)), W_ROWS=w_rows,
-        num_warps=max(1, min(16, block // 512)))
-    return q, scale, x_out, w_out
-
-
-def outlier_plan(x: torch.Tensor, threshold: float, ko: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(idx [ko] int64, keep [ko] bool, col_mask [K] fp32) exactly as `reference.outlier_columns_ref` and
-    the mask that `reference.w8a8_linear_ref` builds (for tests; the linear uses absmax_plan's buffers)."""
-    _, idx, cnt, keep = absmax_plan(x, threshold, ko)
-    return idx, torch.arange(ko, device=x.device) < cnt, keep.float()
-
-
 def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                 threshold: float = 6.0, max_outliers: int = 64) -> torch.Tensor:
     """W8A8 linear with LLM.int8()'s outlier decomposition, as `decoding.reference.w8a8_linear_ref`.
@@ -487,7 +331,7 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, b
         q, s, _, _ = quantize(x)
         launch_int8_gemm(q, s, qweight, w_scale, bias, out)
         return out
-    _, idx, cnt, keep = absmax_plan(x, threshold, ko)
-    q, s, x_out, w_out = quantize(x, keep, cnt, idx, qweight)
+    _, idx, cnt, keep, rmax = absmax_plan(x, threshold, ko, reuse=True)
+    q, s, x_out, w_out = quantize(x, keep, cnt, idx, qweight, rmax)
     launch_int8_gemm(q, s, qweight, w_scale, bias, out, x_out, w_out, cnt)
     return out

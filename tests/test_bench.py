@@ -12,7 +12,7 @@ from decoding import bench
 def test_run_reports_consistent_figures():
     r = bench.run("tiny", batch=2, prompt=16, new=6, device="cpu", progress=False)
     assert (r.shape, r.batch, r.prompt, r.new, r.device, r.dtype) == ("tiny", 2, 16, 6, "cpu", "float32")
-    assert r.ms_per_step > 0 and r.copy_GBps > 0 and r.ttft_ms > 0
+    assert r.ms_per_step > 0 and r.copy_GBps > 0 and r.ttft_ms > 0 and r.prefill_ms > 0
     assert r.tok_s == pytest.approx(2 / (r.ms_per_step / 1e3), rel=1e-6)
     expected_pct = 100 * r.weight_bytes / (r.ms_per_step / 1e3) / (r.copy_GBps * 1e9)
     assert r.pct_of_copy_bw == pytest.approx(expected_pct, rel=1e-6)

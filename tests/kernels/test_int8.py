@@ -176,27 +176,33 @@ def test_outlier_columns_are_the_ones_over_threshold():
     assert reference.outlier_columns_ref(x, 0.0, 16)[0].numel() == 0  # threshold 0: decomposition off
 
 
-@pytest.mark.parametrize("k,ko", [(64, 16), (2100, 8), (3000, 64), (200, 12)])
-def test_outlier_plan_and_gathers_interpreted(k, ko):
-    """The fused abs-max + plan (last program) and the quantize kernel's gathers, against the reference."""
+@pytest.mark.parametrize("k,ko,case", [(64, 16, "over"), (2100, 8, "over"), (3000, 64, "over"), (200, 12, "tie"),
+                                       (2100, 64, "none"), (1100, 16, "adjacent")])
+def test_outlier_plan_and_gathers_interpreted(k, ko, case):
+    """The fused abs-max + plan (last program) and the quantize kernel's gathers, against the reference;
+    then the linear's path: the workspace left zero for the next call, the row maxima per column block,
+    and the quantization that takes each row's maximum from them (bit for bit the same)."""
     _interp_triton()
-    from decoding.kernels import w8a8
+    from decoding.kernels import w8a8, w8a8_prep
 
     g = torch.Generator().manual_seed(k)
     x = torch.randn(19, k, generator=g)
     cols = torch.randperm(k, generator=g)[:14]
-    if ko == 12:  # a tie at the cut: two columns share the 13th largest maximum and both stay in int8
+    if case == "tie":  # a tie at the cut: two columns share the 13th largest maximum and both stay in int8
         x[0, cols] = torch.tensor([20.0, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 8])
-    else:  # 14 outlier columns: more than ko = 8, fewer than 16
+    elif case == "over":  # 14 outlier columns: more than ko = 8, fewer than 16
         x[:, cols] *= 10.0
+    elif case == "adjacent":  # 14 neighbours, one or two column blocks, in some rows only
+        x[3:11, 500:514] *= 10.0
     idx_ref, keep_ref = reference.outlier_columns_ref(x, 6.0, ko)
+    assert (case == "none") == (not keep_ref.any())
     idx, keep, col_mask = w8a8.outlier_plan(x, 6.0, ko)
     assert torch.equal(idx, idx_ref) and torch.equal(keep, keep_ref)
-    if ko == 12:
+    if case == "tie":
         assert sorted(idx[keep].tolist()) == sorted(cols[:12].tolist())
     expected_mask = torch.ones(k).scatter_(0, idx_ref[keep_ref], 0.0)
     assert torch.equal(col_mask, expected_mask)
-    amax, idx, cnt, keep8 = w8a8.absmax_plan(x, 6.0, ko)
+    amax, idx, cnt, keep8, _ = w8a8.absmax_plan(x, 6.0, ko)
     assert torch.equal(amax, reference.column_absmax_ref(x)) and cnt.item() == int(keep_ref.sum())
     w = torch.randint(-127, 128, (37, k), generator=g, dtype=torch.int8)
     q, s, x_out, w_out = w8a8.quantize(x, keep8, cnt, idx, w)
@@ -204,6 +210,15 @@ def test_outlier_plan_and_gathers_interpreted(k, ko):
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
     live = int(cnt)
     assert torch.equal(x_out[:, :live], x[:, idx_ref[:live]]) and torch.equal(w_out[:, :live], w[:, idx_ref[:live]])
+    for _ in range(2):  # the second call finds the workspace the first left
+        none, idx2, cnt2, keep2, rmax = w8a8.absmax_plan(x, 6.0, ko, reuse=True)
+        assert none is None and torch.equal(idx2, idx) and torch.equal(cnt2, cnt) and torch.equal(keep2, keep8)
+        assert not w8a8_prep._WORKSPACES[("cpu", None, None)].any()
+    bk = w8a8_prep.ABSMAX_BLOCK_K
+    assert torch.equal(rmax, torch.nn.functional.pad(x.abs(), (0, -k % bk)).view(19, -1, bk).amax(-1))
+    q2, s2, x_out2, w_out2 = w8a8.quantize(x, keep2, cnt2, idx2, w, rmax)
+    assert torch.equal(q2, q_ref) and torch.equal(s2, s_ref)
+    assert torch.equal(x_out2[:, :live], x_out[:, :live]) and torch.equal(w_out2[:, :live], w_out[:, :live])
 
 
 def _gemm_case(m, n, k, ko, live, seed=0, dtype=torch.bfloat16, device="cpu"):
@@ -236,7 +251,7 @@ def test_int8_gemm_kernels_interpreted(m, n, k, tma):
     assert torch.equal(acc, torch._int_mm(a, b.t()) if m > 16 else (a.long() @ b.long().t()).int())
     x_out[:, 19:] = float("nan")
     w_out[:, 19:] = 127
-    for subtile in (True, False):
+    for subtile in (True, False, 4):
         cfg = dict(w8a8.tma_config(m, n, k), SUBTILE=subtile) if tma else None
         out = torch.empty(m, n, dtype=torch.bfloat16)
         w8a8.launch_int8_gemm(a, sa, b, sb, bias, out, x_out, w_out, cnt, cfg=cfg, tma=tma)
@@ -412,13 +427,7 @@ def test_int8_gemm_tma_gpu(m, n, k):
     a, sa, b, sb, bias = args
     configs = [None]
     if (m, n, k) == (2048, 6144, 4096):
-        import sys
-        from pathlib import Path
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benches"))
-        from tune_w8a8 import CONFIGS
-
-        configs += [c for c in CONFIGS if not c["WS"]]
+        configs += [c for c in _tune_module().CONFIGS if not c["WS"]]
     exact = torch._int_mm(a, b.t())
     for cfg in configs:
         acc = torch.empty(m, n, dtype=torch.int32, device="cuda")
@@ -427,6 +436,84 @@ def test_int8_gemm_tma_gpu(m, n, k):
         out = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
         w8a8.launch_int8_gemm(a, sa, b, sb, bias, out, x_out, w_out, cnt, cfg=cfg, tma=True)
         _check_close(out, expected, torch.bfloat16, "triton")
+    # The outlier epilogue's settings change where the output is staged and what is prefetched, not a bit of it.
+    flags = (w8a8.OUTLIER_QUARTER_STORES, w8a8.PREFETCH_OUTLIERS)
+    outs = []
+    try:
+        for setting in ((False, False), (True, False), (False, True), (True, True)):
+            w8a8.OUTLIER_QUARTER_STORES, w8a8.PREFETCH_OUTLIERS = setting
+            outs.append(torch.empty(m, n, dtype=torch.bfloat16, device="cuda"))
+            w8a8.launch_int8_gemm(a, sa, b, sb, bias, outs[-1], x_out, w_out, cnt, tma=True)
+    finally:
+        w8a8.OUTLIER_QUARTER_STORES, w8a8.PREFETCH_OUTLIERS = flags
+    _check_close(outs[0], expected, torch.bfloat16, "triton")
+    assert all(torch.equal(o, outs[0]) for o in outs[1:])
+
+
+def _tune_module():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benches"))
+    import tune_w8a8
+
+    return tune_w8a8
+
+
+@gpu
+@pytest.mark.parametrize("k", [4096, 14336, 2048, 8192])
+def test_w8a8_prep_gpu_exact(k):
+    """The abs-max + plan kernel and both quantize paths (row maxima, plain) at the model widths, bit for
+    bit against the reference: no outlier column, 6, and 100 (> KO: the bisection); the kept workspace
+    zero after each call; at 2048 tokens with 6 columns, every config that tune_w8a8.py --part prep sweeps."""
+    from decoding.kernels import w8a8, w8a8_prep
+
+    tune = _tune_module()
+    for m in (2048, 37):
+        for n_cols in (0, 6, 100):
+            g = torch.Generator(device="cuda").manual_seed(m + k + n_cols)
+            x = torch.randn(m, k, device="cuda", generator=g)
+            cols = torch.randperm(k, device="cuda", generator=g)[:n_cols]
+            x[:, cols] *= 10 + 10 * torch.rand(n_cols, device="cuda", generator=g)
+            x = x.to(torch.bfloat16)
+            idx_ref, keep_ref = reference.outlier_columns_ref(x, 6.0, 64)
+            mask = torch.ones(k, device="cuda").scatter_(0, idx_ref[keep_ref], 0.0)
+            q_ref, s_ref = reference.quantize_per_token_ref(x, mask)
+            q_plain, s_plain = reference.quantize_per_token_ref(x)
+            w = torch.randint(-127, 128, (300, k), dtype=torch.int8, device="cuda")
+            live = int(keep_ref.sum())
+            sweep = m == 2048 and n_cols == 6
+            for acfg in tune.ABSMAX_CONFIGS if sweep else [None]:
+                _, idx, cnt, keep, rmax = w8a8_prep.absmax_plan(x, 6.0, 64, reuse=True, cfg=acfg)
+                assert torch.equal(idx, idx_ref) and cnt.item() == live, acfg
+                ws = w8a8_prep._WORKSPACES[("cuda", x.device.index, torch.cuda.current_stream().cuda_stream)]
+                assert not ws.any()
+                for qcfg in [None] + (tune.QUANT_CONFIGS.get(k, []) if sweep else []):
+                    q, s, x_out, w_out = w8a8.quantize(x, keep, cnt, idx, w, rmax, cfg=qcfg)
+                    assert torch.equal(q, q_ref) and torch.equal(s, s_ref), (acfg, qcfg)
+                    assert torch.equal(x_out[:, :live], x[:, idx_ref[:live]])
+                    assert torch.equal(w_out[:, :live], w[:, idx_ref[:live]])
+                    q, s, _, _ = w8a8.quantize(x, cfg=qcfg)
+                    assert torch.equal(q, q_plain) and torch.equal(s, s_plain), qcfg
+
+
+@gpu
+def test_w8a8_linear_in_cuda_graph_gpu():
+    """Captured in a CUDA graph (the abs-max workspace made during the capture, its memset captured),
+    every replay gives the eager output bit for bit, and eager calls afterwards still do."""
+    x, q, s, b = _w8a8_case(2048, 4096, 4096, torch.bfloat16, "cuda", outlier_cols=(7, 100, 2000), seed=5)
+    from decoding.kernels import w8a8
+
+    expected = w8a8.w8a8_linear(x, q, s, b)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = w8a8.w8a8_linear(x, q, s, b)
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
+    assert torch.equal(w8a8.w8a8_linear(x, q, s, b), expected)
 
 
 @gpu
