@@ -206,10 +206,19 @@ class _DecodeGraphs:
         return logits[:b]
 
 
-def mixed_split(starts: torch.Tensor, lens: torch.Tensor, tokens: int):
-    from decoding.kernels.attention import mixed_split as split  # Triton: imported only where graphs run
+def mixed_forward(runner: ModelRunner, staging: torch.Tensor, tables: torch.Tensor, tokens: int, seqs: int,
+                  max_seq_len: int) -> torch.Tensor:
+    """A mixed graph's work, device ops only: the step staged in `staging` (mixed_layout of (tokens, seqs)),
+    its block tables in tables[:seqs], through the model; fp32 logits of each sequence's last token [seqs, V]."""
+    from decoding.kernels.attention import mixed_split  # Triton: imported only where it runs
 
-    return split(starts, lens, tokens)
+    ids, pos, slots, src, lens, starts = (staging[sl] for sl in mixed_layout(tokens, seqs))
+    ids = runner.resolve_ids(ids, src)
+    meta = AttentionMetadata(slots.long(), tables[:seqs], lens, starts, max_seq_len,
+                             device_split=mixed_split(starts, lens, tokens))
+    hidden = runner.model(ids, pos.long(), (runner.cache.k, runner.cache.v), meta)
+    last = (starts[1:] - 1).clamp(min=0).long()
+    return runner.model.compute_logits(hidden.index_select(0, last))
 
 
 class _MixedGraphs:
@@ -243,14 +252,8 @@ class _MixedGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
 
     def _forward(self, tokens: int, seqs: int) -> None:
-        runner = self.runner
-        ids, pos, slots, src, lens, starts = (self.dev_staging[sl] for sl in mixed_layout(tokens, seqs))
-        ids = runner.resolve_ids(ids, src)
-        meta = AttentionMetadata(slots.long(), self.dev_tables[:seqs], lens, starts, self.max_seq_len,
-                                 device_split=mixed_split(starts, lens, tokens))
-        hidden = runner.model(ids, pos.long(), (self.cache.k, self.cache.v), meta)
-        last = (starts[1:] - 1).clamp(min=0).long()
-        self.logits[:seqs].copy_(runner.model.compute_logits(hidden.index_select(0, last)))
+        logits = mixed_forward(self.runner, self.dev_staging, self.dev_tables, tokens, seqs, self.max_seq_len)
+        self.logits[:seqs].copy_(logits)
 
     def _capture(self, tokens: int, seqs: int) -> torch.cuda.CUDAGraph:
         device = self.runner.device
