@@ -390,6 +390,29 @@ class ModelRunner:
             self._graphs = _DecodeGraphs(self)
         return self._graphs
 
+    def _mixed_graphs(self) -> _MixedGraphs:
+        if (self._mixed is None or self._mixed.cache is not self.cache
+                or self._mixed.max_tokens != self.mixed_max_tokens):
+            self._mixed = _MixedGraphs(self, self._decode_graphs().pool)
+        return self._mixed
+
+    @torch.inference_mode()
+    def capture_mixed_graphs(self, max_tokens: int, max_seqs: int) -> int:
+        """Capture now every mixed graph that a step of at most max_tokens tokens and max_seqs sequences can
+        replay (else each is captured by the first step of its shape, a slow step); returns how many were new.
+        Captures read and write nothing of the KV cache (all padding)."""
+        if self.mixed_graph_shape(StepInput([[0]], [2], [0, 0], [2])) is None:
+            return 0
+        mixed = self._mixed_graphs()
+        top_t = token_bucket(max_tokens, self.mixed_max_tokens) or self.mixed_max_tokens
+        top_s = next((b for b in GRAPH_BUCKETS if b >= max_seqs), GRAPH_BUCKETS[-1])
+        shapes = [(t, s) for t in (MIXED_MIN_TOKENS << i for i in range(32)) if t <= top_t
+                  for s in GRAPH_BUCKETS if s <= min(t, top_s)]
+        new = [shape for shape in shapes if shape not in mixed.graphs]
+        for t, s in new:
+            mixed.graphs[(t, s)] = mixed._capture(t, s)
+        return len(new)
+
     @torch.inference_mode()
     def step(self, inp: StepInput) -> torch.Tensor:
         """One model step; returns the logits of each sequence's last new token, [num_seqs, vocab] fp32.
@@ -402,10 +425,7 @@ class ModelRunner:
             return self._decode_graphs().run(inp)
         shape = self.mixed_graph_shape(inp)
         if shape is not None:
-            if (self._mixed is None or self._mixed.cache is not self.cache
-                    or self._mixed.max_tokens != self.mixed_max_tokens):
-                self._mixed = _MixedGraphs(self, self._decode_graphs().pool)
-            return self._mixed.run(inp, shape)
+            return self._mixed_graphs().run(inp, shape)
         hidden = self.forward_hidden(inp)
         if not inp.is_decode:
             last = torch.tensor(inp.query_lens).cumsum(0).sub(1).to(self.device, non_blocking=True)
