@@ -21,7 +21,7 @@ head, so K/V are read once per group straight from the paged cache; the queries 
 sequence's seq_len positions (bottom-right causal alignment), sliding windows included. Tiles find their
 sequence on the device (a binary search over query_start_loc), so the launch needs no host list. In a
 mixed step (continuous batching) the one-token rows go through the decode kernel instead (the same bits as
-a graphed decode step). prefill_attention_sdpa, the older loop of torch SDPA calls over K/V gathered from
+a graphed decode step); a graphed mixed step splits its rows on the device (paged_mixed_attention). prefill_attention_sdpa, the older loop of torch SDPA calls over K/V gathered from
 the cache, stays as the fallback (DECODING_PREFILL_ATTENTION=sdpa) and the baseline of
 benches/bench_prefill_attention.py.
 """
