@@ -153,6 +153,8 @@ class AttentionMetadata:
     max_seq_len: a host-side bound on seq_lens (kernels size their launch by it without a sync).
     query_start_loc_cpu, seq_lens_cpu: the same values as host lists, when the caller has them (build
     does): prefill attention splits a step by them without reading the device tensors (a sync per layer).
+    device_split: (decode_lens, gather_rows, scatter_rows), the split of a graphed mixed step into decode and
+    prefill rows as device tensors (see ops.paged_mixed_attention); None elsewhere.
     """
 
     slot_mapping: torch.Tensor
@@ -162,6 +164,7 @@ class AttentionMetadata:
     max_seq_len: int | None = None
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
+    device_split: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def build(cls, block_tables: list[list[int]], seq_lens: list[int], query_lens: list[int],

@@ -271,7 +271,11 @@ class Engine:
         nb = blocks_for(context, runner.block_size)
         chunks = [min(context, tokens - start) for start in range(0, tokens, context)]
         runner.cache = KVCache(runner.config, nb, runner.block_size, dev, runner.dtype)
-        runner.step(StepInput([list(range(nb))] * len(chunks), [context] * len(chunks), [0] * tokens, chunks))
+        graphs, runner.cuda_graphs = runner.cuda_graphs, False  # eager: no graph captured over this scratch cache
+        try:
+            runner.step(StepInput([list(range(nb))] * len(chunks), [context] * len(chunks), [0] * tokens, chunks))
+        finally:
+            runner.cuda_graphs = graphs
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev) - before - nb * per_block
         runner.cache = None

@@ -24,6 +24,9 @@ _IMPLS: dict[str, dict[str, Callable]] = {
     "rms_norm": {"reference": reference.rms_norm_ref},
     "fused_add_rms_norm_": {"reference": reference.fused_add_rms_norm_ref},
     "paged_attention": {"reference": reference.paged_attention_ref},
+    # The rows' split (decode_lens, gather_rows, scatter_rows) only matters to the fast kernels.
+    "paged_mixed_attention": {"reference": lambda q, kc, vc, bt, lens, starts, scale, window, bound, *split:
+                              reference.paged_attention_ref(q, kc, vc, bt, lens, starts, scale, window, bound)},
     "silu_and_mul": {"reference": reference.silu_and_mul_ref},
     "rope_and_cache_": {"reference": reference.rope_and_cache_ref},
     # The linear layers' reference is torch's own F.linear (cuBLAS on GPU); reference.linear_ref is the
@@ -237,6 +240,7 @@ if _TRITON_NORM is not None:
     _IMPLS["fused_add_rms_norm_"]["triton"] = _TRITON_NORM.fused_add_rms_norm_
     _IMPLS["sample_tokens"]["triton"] = _triton_sampling.sample_tokens_graphed
     _IMPLS["paged_attention"]["triton"] = _triton_attention.paged_attention
+    _IMPLS["paged_mixed_attention"]["triton"] = _triton_attention.paged_mixed_attention
     from decoding.kernels import int8 as _triton_int8
 
     _IMPLS["w8a16_linear"]["triton"] = _triton_int8.w8a16_linear
@@ -339,6 +343,17 @@ def paged_attention(
         q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, max_seq_len,
         query_start_loc_cpu, seq_lens_cpu
     )
+
+
+def paged_mixed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                          seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                          sliding_window: int | None, max_seq_len: int, decode_lens: torch.Tensor,
+                          gather_rows: torch.Tensor, scatter_rows: torch.Tensor) -> torch.Tensor:
+    """paged_attention of a mixed step whose decode/prefill split is given as device tensors (a graphed mixed
+    step, see kernels/attention.py paged_mixed_attention); padding tokens and sequences are allowed."""
+    return _call("paged_mixed_attention", q.device)(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window, max_seq_len,
+        decode_lens, gather_rows, scatter_rows)
 
 
 def sample_tokens(logits: torch.Tensor, state) -> torch.Tensor:

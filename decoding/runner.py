@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from decoding import ops
 from decoding.cache import AttentionMetadata, KVCache, blocks_for
 from decoding.models.llama import LlamaModel
 
@@ -52,6 +54,63 @@ _HEADER = 5  # rows of a decode graph's header: ids, positions, slots, seq_lens,
 def graphs_enabled(device: torch.device) -> bool:
     """CUDA graphs for decode steps: on for CUDA devices unless DECODING_CUDA_GRAPHS=0."""
     return device.type == "cuda" and os.environ.get("DECODING_CUDA_GRAPHS", "1") != "0"
+
+
+def mixed_graphs_enabled() -> bool:
+    """CUDA graphs for mixed and prefill steps too (where graphs are on): unless DECODING_MIXED_GRAPHS=0."""
+    return os.environ.get("DECODING_MIXED_GRAPHS", "1") != "0"
+
+
+MIXED_MIN_TOKENS = 16  # the smallest token bucket of a mixed graph
+MIXED_MAX_TOKENS = 2048  # the largest (ModelRunner.mixed_max_tokens); larger steps run eagerly
+
+
+def token_bucket(num_tokens: int, max_tokens: int = MIXED_MAX_TOKENS) -> int | None:
+    """The token count a mixed graph pads a step of num_tokens to: a power of two from MIXED_MIN_TOKENS on,
+    or None past max_tokens."""
+    b = MIXED_MIN_TOKENS
+    while b < num_tokens:
+        b *= 2
+    return b if b <= max_tokens else None
+
+
+def mixed_layout(tokens: int, seqs: int) -> tuple[slice, ...]:
+    """Where a mixed graph of `tokens` x `seqs` finds its inputs in the staging buffer: ids, positions,
+    slots, id sources ([tokens] each), seq_lens [seqs], query_start_loc [seqs + 1]; the block tables
+    [num_seqs, cols] follow, packed (offset 4 * tokens + 2 * seqs + 1)."""
+    t, s = tokens, seqs
+    return (slice(0, t), slice(t, 2 * t), slice(2 * t, 3 * t), slice(3 * t, 4 * t), slice(4 * t, 4 * t + s),
+            slice(4 * t + s, 4 * t + 2 * s + 1))
+
+
+def stage_mixed_step(buf: np.ndarray, inp: StepInput, tokens: int, seqs: int, block_size: int,
+                     sources: list[int]) -> tuple[int, int]:
+    """Pack a step for the mixed graph of (tokens, seqs) into buf (int32, laid out by mixed_layout).
+
+    Padding tokens (past the step's own) get id 0, position 0 and slot -1 (no KV write); padding sequences
+    seq_len 0 and no new tokens (query_start_loc stays at the step's token count). sources: id_sources of
+    the `tokens` inputs. Returns (entries of buf in use, block-table columns in use)."""
+    ids, pos, slots, src, lens, starts = (buf[sl] for sl in mixed_layout(tokens, seqs))
+    b, n = inp.num_seqs, len(inp.input_ids)
+    q = np.asarray(inp.query_lens, dtype=np.int64)
+    seq_lens = np.asarray(inp.seq_lens, dtype=np.int64)
+    cols = -(-int(seq_lens.max()) // block_size)
+    base = 4 * tokens + 2 * seqs + 1
+    tables = buf[base: base + b * cols].reshape(b, cols)
+    for i, (table, length) in enumerate(zip(inp.block_tables, inp.seq_lens)):
+        used = -(-length // block_size)
+        tables[i, :used] = table[:used]
+        tables[i, used:] = 0
+    starts[0] = 0
+    starts[1: b + 1] = np.cumsum(q)
+    starts[b + 1:] = n
+    p = np.repeat(seq_lens - q, q) + np.arange(n) - np.repeat(starts[:b], q)  # each new token's position
+    ids[:n], ids[n:] = inp.input_ids, 0
+    pos[:n], pos[n:] = p, 0
+    slots[:n], slots[n:] = tables[np.repeat(np.arange(b), q), p // block_size] * block_size + p % block_size, -1
+    lens[:b], lens[b:] = seq_lens, 0
+    src[:] = sources
+    return base + b * cols, cols
 
 
 class _DecodeGraphs:
@@ -147,6 +206,88 @@ class _DecodeGraphs:
         return logits[:b]
 
 
+def mixed_forward(runner: ModelRunner, staging: torch.Tensor, tables: torch.Tensor, tokens: int, seqs: int,
+                  max_seq_len: int) -> torch.Tensor:
+    """A mixed graph's work, device ops only: the step staged in `staging` (mixed_layout of (tokens, seqs)),
+    its block tables in tables[:seqs], through the model; fp32 logits of each sequence's last token [seqs, V]."""
+    from decoding.kernels.attention import mixed_split  # Triton: imported only where it runs
+
+    ids, pos, slots, src, lens, starts = (staging[sl] for sl in mixed_layout(tokens, seqs))
+    ids = runner.resolve_ids(ids, src)
+    meta = AttentionMetadata(slots.long(), tables[:seqs], lens, starts, max_seq_len,
+                             device_split=mixed_split(starts, lens, tokens))
+    hidden = runner.model(ids, pos.long(), (runner.cache.k, runner.cache.v), meta)
+    last = (starts[1:] - 1).clamp(min=0).long()
+    return runner.model.compute_logits(hidden.index_select(0, last))
+
+
+class _MixedGraphs:
+    """Steps with a query longer than one token (prefill chunks, with or without decode rows), padded to
+    (token bucket T, sequence bucket S) and replayed: the host issues no per-layer work.
+
+    As _DecodeGraphs: the host packs a step (stage_mixed_step) into one of two pinned staging buffers, one
+    H2D copy moves it, the block tables are spread into their rows on the device, and the graph of (T, S)
+    reads it. Attention splits the rows on the device (ops.paged_mixed_attention): the split-K decode kernel
+    for the one-token rows (the decode steps' partitioning: the same bits), the varlen prefill kernel for the
+    others. Padding tokens write no KV (slot -1); padding sequences have no tokens. Logits are computed for
+    each sequence's last token only and land in one [max S, vocab] fp32 buffer shared by all the graphs.
+    Graphs are captured lazily into the decode graphs' memory pool.
+    """
+
+    def __init__(self, runner: ModelRunner, pool) -> None:
+        self.runner = runner
+        self.cache = runner.cache
+        self.pool = pool
+        self.max_seq_len = runner.attention_bound()
+        self.width = runner.blocks_for(self.max_seq_len)
+        self.max_tokens = runner.mixed_max_tokens
+        self.max_seqs = GRAPH_BUCKETS[-1]
+        size = 4 * self.max_tokens + 2 * self.max_seqs + 1 + self.max_seqs * self.width
+        self.hosts = [torch.zeros(size, dtype=torch.int32, pin_memory=True) for _ in range(2)]
+        self.events = [torch.cuda.Event() for _ in self.hosts]
+        self.turn = 0
+        self.dev_staging = torch.zeros(size, dtype=torch.int32, device=runner.device)
+        self.dev_tables = torch.zeros(self.max_seqs, self.width, dtype=torch.int32, device=runner.device)
+        self.logits = torch.zeros(self.max_seqs, runner.config.vocab_size, dtype=torch.float32, device=runner.device)
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+
+    def _forward(self, tokens: int, seqs: int) -> None:
+        logits = mixed_forward(self.runner, self.dev_staging, self.dev_tables, tokens, seqs, self.max_seq_len)
+        self.logits[:seqs].copy_(logits)
+
+    def _capture(self, tokens: int, seqs: int) -> torch.cuda.CUDAGraph:
+        device = self.runner.device
+        ids, pos, slots, src, lens, starts = (self.dev_staging[sl] for sl in mixed_layout(tokens, seqs))
+        ids.zero_(), pos.zero_(), slots.fill_(-1), lens.zero_(), starts.zero_()  # all padding: writes nothing
+        src.copy_(torch.arange(tokens, device=device) + self.runner.prev_capacity)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            self._forward(tokens, seqs)  # warm-up: Triton compiles, cuBLAS picks its kernels
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._forward(tokens, seqs)
+        return graph
+
+    def run(self, inp: StepInput, shape: tuple[int, int]) -> torch.Tensor:
+        tokens, seqs = shape
+        graph = self.graphs.get(shape)
+        if graph is None:
+            graph = self.graphs[shape] = self._capture(tokens, seqs)
+        k, self.turn = self.turn, self.turn ^ 1
+        self.events[k].synchronize()  # the copy out of this staging buffer (two steps ago) has run
+        host = self.hosts[k]
+        used, cols = stage_mixed_step(host.numpy(), inp, tokens, seqs, self.runner.block_size,
+                                      self.runner.id_sources(inp.prev_rows, tokens))
+        b, base = inp.num_seqs, 4 * tokens + 2 * seqs + 1
+        self.dev_staging[:used].copy_(host[:used], non_blocking=True)
+        self.events[k].record()
+        self.dev_tables[:b, :cols].copy_(self.dev_staging[base: used].view(b, cols))
+        graph.replay()
+        return self.logits[:b]
+
+
 class ModelRunner:
     """A model, its KV cache, and the step function over them."""
 
@@ -159,6 +300,8 @@ class ModelRunner:
         self.cache: KVCache | None = None
         self.cuda_graphs = graphs_enabled(self.device) if cuda_graphs is None else cuda_graphs
         self._graphs: _DecodeGraphs | None = None
+        self._mixed: _MixedGraphs | None = None
+        self.mixed_max_tokens = MIXED_MAX_TOKENS  # steps of more tokens run eagerly
         # The tokens of the last step, as the engine recorded them (record_tokens), for a step launched
         # before the host has read them (StepInput.prev_rows); a fixed buffer, so graphs can read it.
         self.prev_capacity = 1024
@@ -198,8 +341,8 @@ class ModelRunner:
         return self.cache
 
     def free_cache(self) -> None:
-        """Drop the KV cache pool and the decode graphs captured over it."""
-        self.cache = self._graphs = None
+        """Drop the KV cache pool and the graphs captured over it."""
+        self.cache = self._graphs = self._mixed = None
 
     @torch.inference_mode()  # the pool may have been made under inference mode (e.g. by score())
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
@@ -230,17 +373,59 @@ class ModelRunner:
         """Whether step(inp) replays a captured decode graph (else it runs eagerly)."""
         return self.cuda_graphs and inp.is_decode and inp.num_seqs <= GRAPH_BUCKETS[-1]
 
+    def mixed_graph_shape(self, inp: StepInput) -> tuple[int, int] | None:
+        """(T, S): the mixed graph that step(inp) replays, or None (a decode step, or it runs eagerly). Needs
+        graphs on, DECODING_MIXED_GRAPHS not 0, the Triton attention kernels, and a step of at most
+        mixed_max_tokens tokens and max(GRAPH_BUCKETS) sequences."""
+        if (not self.cuda_graphs or inp.is_decode or not mixed_graphs_enabled()
+                or ops.select("paged_mixed_attention", self.device) != "triton"
+                or os.environ.get("DECODING_PREFILL_ATTENTION", "triton") != "triton"):
+            return None
+        t = token_bucket(len(inp.input_ids), self.mixed_max_tokens)
+        s = next((b for b in GRAPH_BUCKETS if b >= inp.num_seqs), None)
+        return None if t is None or s is None else (t, s)
+
+    def _decode_graphs(self) -> _DecodeGraphs:
+        if self._graphs is None or self._graphs.cache is not self.cache:
+            self._graphs = _DecodeGraphs(self)
+        return self._graphs
+
+    def _mixed_graphs(self) -> _MixedGraphs:
+        if (self._mixed is None or self._mixed.cache is not self.cache
+                or self._mixed.max_tokens != self.mixed_max_tokens):
+            self._mixed = _MixedGraphs(self, self._decode_graphs().pool)
+        return self._mixed
+
+    @torch.inference_mode()
+    def capture_mixed_graphs(self, max_tokens: int, max_seqs: int) -> int:
+        """Capture now every mixed graph that a step of at most max_tokens tokens and max_seqs sequences can
+        replay (else each is captured by the first step of its shape, a slow step); returns how many were new.
+        Captures read and write nothing of the KV cache (all padding)."""
+        if self.mixed_graph_shape(StepInput([[0]], [2], [0, 0], [2])) is None:
+            return 0
+        mixed = self._mixed_graphs()
+        top_t = token_bucket(max_tokens, self.mixed_max_tokens) or self.mixed_max_tokens
+        top_s = next((b for b in GRAPH_BUCKETS if b >= max_seqs), GRAPH_BUCKETS[-1])
+        shapes = [(t, s) for t in (MIXED_MIN_TOKENS << i for i in range(32)) if t <= top_t
+                  for s in GRAPH_BUCKETS if s <= min(t, top_s)]
+        new = [shape for shape in shapes if shape not in mixed.graphs]
+        for t, s in new:
+            mixed.graphs[(t, s)] = mixed._capture(t, s)
+        return len(new)
+
     @torch.inference_mode()
     def step(self, inp: StepInput) -> torch.Tensor:
         """One model step; returns the logits of each sequence's last new token, [num_seqs, vocab] fp32.
 
-        A decode step on CUDA replays the captured graph of its batch-size bucket; the logits it returns
-        are the graph's static output, valid until the next step.
+        On CUDA a decode step replays the captured graph of its batch-size bucket, and another step the
+        mixed graph of its (token, sequence) buckets (mixed_graph_shape); the logits they return are the
+        graph's static output, valid until the next step.
         """
         if self.uses_graph(inp):
-            if self._graphs is None or self._graphs.cache is not self.cache:
-                self._graphs = _DecodeGraphs(self)
-            return self._graphs.run(inp)
+            return self._decode_graphs().run(inp)
+        shape = self.mixed_graph_shape(inp)
+        if shape is not None:
+            return self._mixed_graphs().run(inp, shape)
         hidden = self.forward_hidden(inp)
         if not inp.is_decode:
             last = torch.tensor(inp.query_lens).cumsum(0).sub(1).to(self.device, non_blocking=True)

@@ -56,7 +56,7 @@ from decoding.tokenizer import Tokenizer
 
 TIMEOUT_ENV = "DECODING_TP_TIMEOUT_S"
 """Seconds a collective (or the rendezvous) may wait for the other ranks; default 600."""
-COMMANDS = ("step", "logits_at", "copy_blocks", "allocate_cache", "bench_all_reduce")
+COMMANDS = ("step", "logits_at", "copy_blocks", "allocate_cache", "bench_all_reduce", "capture_mixed_graphs")
 _SHUTDOWN_WAIT_S = 30.0
 _FAILURE_WAIT_S = 2.0
 
@@ -253,6 +253,9 @@ class TPDriverRunner(ModelRunner):
 
     def allocate_cache(self, num_blocks):
         return self._collective("allocate_cache", super().allocate_cache, num_blocks)
+
+    def capture_mixed_graphs(self, max_tokens, max_seqs):  # every rank captures (the all-reduces in them)
+        return self._collective("capture_mixed_graphs", super().capture_mixed_graphs, max_tokens, max_seqs)
 
     def bench_all_reduce(self, numel: int, dtype: torch.dtype) -> dict[str, float | None]:
         """Time the all-reduce at this message size on every rank (see parallel.bench_all_reduce)."""

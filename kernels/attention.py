@@ -21,7 +21,7 @@ head, so K/V are read once per group straight from the paged cache; the queries 
 sequence's seq_len positions (bottom-right causal alignment), sliding windows included. Tiles find their
 sequence on the device (a binary search over query_start_loc), so the launch needs no host list. In a
 mixed step (continuous batching) the one-token rows go through the decode kernel instead (the same bits as
-a graphed decode step). prefill_attention_sdpa, the older loop of torch SDPA calls over K/V gathered from
+a graphed decode step); a graphed mixed step splits its rows on the device (paged_mixed_attention). prefill_attention_sdpa, the older loop of torch SDPA calls over K/V gathered from
 the cache, stays as the fallback (DECODING_PREFILL_ATTENTION=sdpa) and the baseline of
 benches/bench_prefill_attention.py.
 """
@@ -352,6 +352,40 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         IEEE=q.dtype == torch.float32 or interpreted,
         num_warps=num_warps or PREFILL_WARPS, num_stages=num_stages or PREFILL_STAGES)
     return out
+
+
+def mixed_split(query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(decode_lens, gather_rows, scatter_rows) of paged_mixed_attention from query_start_loc [S + 1] and
+    seq_lens [S] of a step of num_tokens tokens (padding included), with device ops only."""
+    first = query_start_loc[:-1].long()
+    single = (query_start_loc[1:] - query_start_loc[:-1]) == 1
+    return (torch.where(single, seq_lens, 0), first.clamp(max=num_tokens - 1),
+            torch.where(single, first, num_tokens))
+
+
+def paged_mixed_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                          seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float,
+                          sliding_window: int | None, max_seq_len: int, decode_lens: torch.Tensor,
+                          gather_rows: torch.Tensor, scatter_rows: torch.Tensor) -> torch.Tensor:
+    """A mixed step split into decode and prefill rows on the device (no host list: a CUDA graph captures
+    it at a fixed shape). q: [T, num_heads, head_dim]; S = seq_lens.shape[0] sequences, padding ones with 0
+    new tokens (query_start_loc[b] == query_start_loc[b + 1]); tokens past query_start_loc[S] are padding.
+
+    decode_lens [S] int32: seq_lens[b] where sequence b has exactly one new token, else 0; gather_rows [S]
+    int64: sequence b's first new token (clamped into q); scatter_rows [S] int64: that token for a decode row,
+    T (a spare row) for the others. The decode kernel runs over all S sequences (the zeroed ones output zeros,
+    dropped into the spare row), with max_seq_len fixing its partitioning as in eager and decode steps, so a
+    decode row gets the same bits in every kind of step; then the prefill kernel writes every token of the
+    rows with at least 2 new tokens. Padding tokens' outputs are zeros. Returns [T, num_heads, head_dim]."""
+    num_tokens = q.shape[0]
+    out = torch.zeros((num_tokens + 1, *q.shape[1:]), dtype=q.dtype, device=q.device)
+    dec = paged_decode_attention(q.index_select(0, gather_rows), k_cache, v_cache, block_tables, decode_lens, scale,
+                                 sliding_window, max_seq_len)
+    out.index_copy_(0, scatter_rows, dec)
+    paged_prefill_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, sliding_window,
+                            out[:num_tokens], min_query=2)
+    return out[:num_tokens]
 
 
 def prefill_backend(device: torch.device) -> str:

@@ -75,9 +75,14 @@ class LlamaAttention(nn.Module):
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         ops.rope_and_cache_(positions, q, k, v, cos_sin_cache, k_cache, v_cache, meta.slot_mapping)
-        out = ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
-                                  meta.query_start_loc, self.scale, self.sliding_window, meta.max_seq_len,
-                                  meta.query_start_loc_cpu, meta.seq_lens_cpu)
+        if meta.device_split is not None:  # a graphed mixed step: decode/prefill rows split on the device
+            out = ops.paged_mixed_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                            meta.query_start_loc, self.scale, self.sliding_window, meta.max_seq_len,
+                                            *meta.device_split)
+        else:
+            out = ops.paged_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                      meta.query_start_loc, self.scale, self.sliding_window, meta.max_seq_len,
+                                      meta.query_start_loc_cpu, meta.seq_lens_cpu)
         out = self.o(out.reshape(num_tokens, self.q_size))
         return out if self.tp is None else self.tp.all_reduce(out)
 

@@ -163,3 +163,31 @@ def test_prefill_kernel_gpu_fp32_exact_enough():
     want = paged_attention_ref(q, k, v, tables, lens, starts, 128 ** -0.5, None)
     got = attention.paged_prefill_attention(q, k, v, tables, lens, starts, 128 ** -0.5, None)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window,bound", [(None, 64), (6, 64), (None, 600)])  # 600: 5 partitions + merge
+def test_mixed_attention_split_on_device_with_padding(window, bound):
+    """paged_mixed_attention (the graphed mixed step's attention: rows split by device tensors) over a step
+    padded to more tokens and sequences: real rows match the reference (fp32, 1e-5 as above), a decode row
+    has the very bits of the split-K kernel run on the decode rows alone (the eager split), padding tokens
+    are zeros. Includes a 1-token chunk of a prefill (a decode row too) and rows out of the scheduler's order."""
+    chunks = [(19, 1), (0, 9), (2, 1), (7, 5), (39, 1), (0, 1)]
+    q, k, v, tables, lens, starts, host_starts, _ = setup(4, 2, 64, chunks, torch.float32)
+    n, b = q.shape[0], len(chunks)
+    tokens, seqs = 32, 8
+    g = torch.Generator().manual_seed(3)
+    q_pad = torch.cat([q, torch.randn(tokens - n, *q.shape[1:], generator=g).to(q)])
+    pad_tables = torch.cat([tables, torch.randint(0, k.shape[0], (seqs - b, tables.shape[1]), generator=g).to(tables)])
+    pad_lens = torch.cat([lens, torch.zeros(seqs - b, dtype=lens.dtype, device=DEVICE)])
+    pad_starts = torch.cat([starts, torch.full((seqs - b,), n, dtype=starts.dtype, device=DEVICE)])
+    split = attention.mixed_split(pad_starts, pad_lens, tokens)
+    got = attention.paged_mixed_attention(q_pad, k, v, pad_tables, pad_lens, pad_starts, 0.2, window, bound, *split)
+    assert got.shape == q_pad.shape
+    want = paged_attention_ref(q, k, v, tables, lens, starts, 0.2, window)
+    torch.testing.assert_close(got[:n], want, rtol=1e-5, atol=1e-5)
+    assert (got[n:] == 0).all()
+    single = [i for i, (_, m) in enumerate(chunks) if m == 1]
+    rows = torch.tensor(single, device=DEVICE)
+    toks = torch.tensor([host_starts[i] for i in single], device=DEVICE)
+    eager = attention.paged_decode_attention(q[toks], k, v, tables[rows], lens[rows], 0.2, window, bound)
+    assert torch.equal(got[toks], eager)
