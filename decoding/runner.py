@@ -231,7 +231,7 @@ class _MixedGraphs:
     for the one-token rows (the decode steps' partitioning: the same bits), the varlen prefill kernel for the
     others. Padding tokens write no KV (slot -1); padding sequences have no tokens. Logits are computed for
     each sequence's last token only and land in one [max S, vocab] fp32 buffer shared by all the graphs.
-    Graphs are captured lazily into the decode graphs' memory pool.
+    Graphs are captured lazily into one memory pool of their own (shared among the mixed graphs).
     """
 
     def __init__(self, runner: ModelRunner, pool) -> None:
@@ -393,7 +393,10 @@ class ModelRunner:
     def _mixed_graphs(self) -> _MixedGraphs:
         if (self._mixed is None or self._mixed.cache is not self.cache
                 or self._mixed.max_tokens != self.mixed_max_tokens):
-            self._mixed = _MixedGraphs(self, self._decode_graphs().pool)
+            # Its own memory pool: replacing these graphs (another max_tokens) frees theirs. Capturing into a
+            # pool shared with graphs that were all destroyed tripped an allocator assert on an H100
+            # (use_count > 0, CUDACachingAllocator.cpp) when no decode graph held that pool.
+            self._mixed = _MixedGraphs(self, torch.cuda.graph_pool_handle())
         return self._mixed
 
     @torch.inference_mode()

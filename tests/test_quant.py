@@ -108,7 +108,7 @@ def _greedy_agreement(base: Generator, other: Generator, prompts: list[str], n: 
         ids = out.prompt_token_ids + out.token_ids
         logits, _, _ = prefill_logits(other.model, ids)
         predicted = logits[len(out.prompt_token_ids) - 1: -1].argmax(-1)
-        agree += (predicted == torch.tensor(out.token_ids)).sum().item()
+        agree += (predicted == torch.tensor(out.token_ids, device=predicted.device)).sum().item()
         total += len(out.token_ids)
     return agree / total
 
