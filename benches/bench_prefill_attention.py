@@ -22,7 +22,7 @@ host's own time to issue the calls alongside:
                (no paging, no gather), not something the engine can call on its paged cache
 The ratios old / new and sdpa-prefill-only / prefill-only are the figures to read. --sweep also times
 the Triton kernel over tile shapes (BLOCK_M rows, BLOCK_N keys, warps, stages) on each scenario, to pick
-PREFILL_BLOCK_M/N, PREFILL_WARPS and PREFILL_STAGES in kernels/attention.py.
+PREFILL_BLOCK_M/N, PREFILL_WARPS and PREFILL_STAGES in kernels/prefill_attention.py.
 """
 
 from __future__ import annotations
