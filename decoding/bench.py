@@ -106,7 +106,7 @@ def random_generator(config: ModelConfig, device: torch.device, dtype: torch.dty
         from decoding import smoothquant
         from decoding.quant import QuantConfig, quantize_model
 
-        qc = QuantConfig(quantize)
+        qc = quantize if isinstance(quantize, QuantConfig) else QuantConfig(quantize)
         windows = (smoothquant.random_windows(config.vocab_size, qc.calibration_tokens, 512, seed)
                    if qc.mode == "w8a8-smooth" else None)
         quantize_model(model, qc, calibration=windows, calibration_name=RANDOM_CALIBRATION if windows else "")

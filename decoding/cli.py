@@ -121,7 +121,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _quantize(args: argparse.Namespace) -> None:
     from decoding import Generator
-
     from decoding.quant import QuantConfig
 
     mode = args.mode if args.mode != "w8a8-smooth" else QuantConfig(args.mode, alpha=args.alpha,

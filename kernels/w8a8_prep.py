@@ -262,13 +262,14 @@ def _num_sms(index: int) -> int:
 
 
 def absmax_grid(M: int, K: int, device: torch.device, cfg: dict | None = None) -> tuple[int, int, int]:
-    """(column blocks, row slices, rows per slice) of the abs-max kernel: about PER_SM programs per SM."""
+    """(column blocks, row slices, rows per slice) of the abs-max kernel: up to PER_SM programs per SM."""
     cfg = cfg or ABSMAX
     blocks = triton.cdiv(K, ABSMAX_BLOCK_K)
     if M == 0:
         return blocks, 1, cfg["BLOCK_M"]
     sms = _num_sms(device.index or 0) if device.type == "cuda" else 2
-    slices = max(1, min(triton.cdiv(cfg["PER_SM"] * sms, blocks), triton.cdiv(M, cfg["BLOCK_M"])))
+    # At most PER_SM programs an SM in all: one wave, with no tail of late programs and few bytes in flight.
+    slices = max(1, min(cfg["PER_SM"] * sms // blocks, triton.cdiv(M, cfg["BLOCK_M"])))
     rows_per = triton.cdiv(triton.cdiv(M, slices), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
     return blocks, triton.cdiv(M, rows_per), rows_per
 

@@ -10,10 +10,10 @@ import json
 
 import pytest
 import torch
+from hf_utils import prefill_logits, save_random_checkpoint
 from safetensors import safe_open
 
 from decoding import CheckpointError, Generator, InvalidRequest, quant, smoothquant
-from hf_utils import prefill_logits, save_random_checkpoint
 
 IDS = list(range(3, 60, 2)) + [7, 7, 200, 13]
 SMALL = quant.QuantConfig("w8a8-smooth", calibration_tokens=512)  # 1 window: quick on the CPU

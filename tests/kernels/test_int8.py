@@ -210,12 +210,14 @@ def test_outlier_plan_and_gathers_interpreted(k, ko, case):
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
     live = int(cnt)
     assert torch.equal(x_out[:, :live], x[:, idx_ref[:live]]) and torch.equal(w_out[:, :live], w[:, idx_ref[:live]])
-    for _ in range(2):  # the second call finds the workspace the first left
-        none, idx2, cnt2, keep2, rmax = w8a8.absmax_plan(x, 6.0, ko, reuse=True)
-        assert none is None and torch.equal(idx2, idx) and torch.equal(cnt2, cnt) and torch.equal(keep2, keep8)
-        assert not w8a8_prep._WORKSPACES[("cpu", None, None)].any()
     bk = w8a8_prep.ABSMAX_BLOCK_K
-    assert torch.equal(rmax, torch.nn.functional.pad(x.abs(), (0, -k % bk)).view(19, -1, bk).amax(-1))
+    row_max_ref = torch.nn.functional.pad(x.abs(), (0, -k % bk)).view(19, -1, bk).amax(-1)
+    # The second call finds the workspace the first left; the third splits the rows over 3 programs a column.
+    for cfg in (None, None, dict(BLOCK_M=8, num_warps=4, PER_SM=200)):
+        assert w8a8_prep.absmax_grid(19, k, x.device, cfg)[1] == (1 if cfg is None else 3)
+        none, idx2, cnt2, keep2, rmax = w8a8.absmax_plan(x, 6.0, ko, reuse=True, cfg=cfg)
+        assert none is None and torch.equal(idx2, idx) and torch.equal(cnt2, cnt) and torch.equal(keep2, keep8)
+        assert not w8a8_prep._WORKSPACES[("cpu", None, None)].any() and torch.equal(rmax, row_max_ref)
     q2, s2, x_out2, w_out2 = w8a8.quantize(x, keep2, cnt2, idx2, w, rmax)
     assert torch.equal(q2, q_ref) and torch.equal(s2, s_ref)
     assert torch.equal(x_out2[:, :live], x_out[:, :live]) and torch.equal(w_out2[:, :live], w_out[:, :live])
