@@ -41,6 +41,7 @@ namespace {
 using gemv_common::finish;
 using gemv_common::kWarpSize;
 using gemv_common::load_stream;
+using gemv_common::store_warp_partials;
 using gemv_common::unpack8;
 using gemv_common::warp_sum;
 using gemv_common::weight_rows;
@@ -83,11 +84,7 @@ __global__ void __launch_bounds__(kWarps * kWarpSize)
   }
   const T* rows[NW];
   weight_rows<T, R, GLU>(rows, w, row0, n_out, K);
-  float acc[NW][M];
-#pragma unroll
-  for (int j = 0; j < NW; ++j)
-#pragma unroll
-    for (int m = 0; m < M; ++m) acc[j][m] = 0.f;
+  float acc[NW][M] = {};
 
   constexpr int kStep = kWarpSize * kChunk;  // elements a warp covers with one load per lane
   bool waited = false;
@@ -138,11 +135,7 @@ __global__ void __launch_bounds__(kSplitMaxThreads)
   const int row0 = blockIdx.x * R;
   const T* rows[NW];
   weight_rows<T, R, GLU>(rows, w, row0, n_out, K);
-  float acc[NW][M];
-#pragma unroll
-  for (int j = 0; j < NW; ++j)
-#pragma unroll
-    for (int m = 0; m < M; ++m) acc[j][m] = 0.f;
+  float acc[NW][M] = {};
 
   const int chunks = K / kChunk;
   const int stride = blockDim.x;
@@ -170,14 +163,7 @@ __global__ void __launch_bounds__(kSplitMaxThreads)
   if (!waited) grid_dependency_wait();  // threads with no chunk (K < 8 * blockDim.x) still write below
 
   __shared__ float partial[kSplitMaxThreads / kWarpSize][NW * M];
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-#pragma unroll
-  for (int j = 0; j < NW; ++j)
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      const float v = warp_sum(acc[j][m]);
-      if (lane == 0) partial[warp][j * M + m] = v;
-    }
+  store_warp_partials(acc, partial);
   __syncthreads();
   // One thread per (row, activation row) of the block adds the warps' partials in warp order.
   if (threadIdx.x >= R * M) return;

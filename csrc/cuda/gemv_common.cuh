@@ -57,6 +57,20 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// A block reduction's first half: each warp's sum of acc[j][m], written by its lane 0 to partial[warp][j * M + m].
+// The caller syncs the block, then adds the warps' partials in warp order.
+template <int NW, int M, int MaxWarps>
+__device__ __forceinline__ void store_warp_partials(const float (&acc)[NW][M], float (&partial)[MaxWarps][NW * M]) {
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+#pragma unroll
+  for (int j = 0; j < NW; ++j)
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float v = warp_sum(acc[j][m]);
+      if (lane == 0) partial[warp][j * M + m] = v;
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ float round_to(float v) {
   return static_cast<float>(static_cast<T>(v));

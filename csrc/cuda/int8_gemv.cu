@@ -49,8 +49,8 @@ using gemv_common::finish;
 using gemv_common::kPack;
 using gemv_common::kWarpSize;
 using gemv_common::load_stream;
+using gemv_common::store_warp_partials;
 using gemv_common::unpack8;
-using gemv_common::warp_sum;
 using gemv_common::weight_rows;
 
 constexpr int kMaxThreads = 256;
@@ -143,11 +143,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     srow[j] = scales + static_cast<int64_t>(row) * scales_per_row;
   }
 
-  float acc[NW][MT];
-#pragma unroll
-  for (int j = 0; j < NW; ++j)
-#pragma unroll
-    for (int m = 0; m < MT; ++m) acc[j][m] = 0.f;
+  float acc[NW][MT] = {};
 
   uint4 cur[U][NW];
   load_chunks<U, NW>(cur, rows, threadIdx.x, stride, chunks);
@@ -172,14 +168,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   // Block reduction: shuffles within each warp, then one float per (warp, j, m) in shared memory, added
   // in warp order by one thread per (output row, token).
   __shared__ float partial[kMaxThreads / kWarpSize][NW * MT];
-  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-#pragma unroll
-  for (int j = 0; j < NW; ++j)
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      const float v = warp_sum(acc[j][m]);
-      if (lane == 0) partial[warp][j * MT + m] = v;
-    }
+  store_warp_partials(acc, partial);
   __syncthreads();
   const int warps = stride / kWarpSize;
   for (int i = threadIdx.x; i < R * MT; i += stride) {
