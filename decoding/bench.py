@@ -133,7 +133,8 @@ class BenchResult:
     from submitting the requests to the host holding the first tokens."""
     prefill_ms: float
     """One prefill step of the whole batch (prompt tokens through every layer, logits of the last ones):
-    median of PREFILL_REPEATS, eager, host-synchronised around the step alone, warm."""
+    median of PREFILL_REPEATS, host-synchronised around the step alone, warm (a mixed-graph replay when the
+    step fits one, ModelRunner.mixed_graph_shape; else eager)."""
     startup_s: float
     """From creating the Generator (random weights) to the first token of a decode step, cold: prefill,
     graph capture and kernel compilation included (Triton's disk cache may hold earlier compiles)."""
