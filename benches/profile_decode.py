@@ -1,6 +1,6 @@
 """Where a decode step's time goes: torch.profiler over a few steps of a random-weight model shape.
 
-    python benches/profile_decode.py --shape llama-3.2-1b --batch 1 [--steps 20]
+    python benches/profile_decode.py --shape llama-3.2-1b --batch 1 [--steps 20] [--quantize int8]
 
 Prints the CUDA kernels by total time (per step), the sum of kernel time per step against the wall time
 per step (the gap is launch overhead, host work and idle GPU), and the weight bytes per step.
@@ -22,8 +22,9 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--quantize", default=None, help="int8 | w8a8 | w8a8-smooth (decoding.quant)")
     args = ap.parse_args()
-    gen = random_generator(preset_config(args.shape), torch.device("cuda"), torch.bfloat16,
+    gen = random_generator(preset_config(args.shape), torch.device("cuda"), torch.bfloat16, quantize=args.quantize,
                            max_num_seqs=args.batch, max_num_batched_tokens=max(args.batch * args.prompt, 256))
     prompts = [" ".join(f"<{(i * 7 + j) % 1000}>" for j in range(args.prompt)) for i in range(args.batch)]
     params = SamplingParams(max_tokens=args.steps, temperature=0, ignore_eos=True, cycle_min_repeats=0)
@@ -40,7 +41,7 @@ def main() -> None:
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     total = sum(e.device_time_total for e in events) / n
-    print(f"{args.shape} batch {args.batch}: wall {wall * 1e3:.3f} ms/step (decode), kernels {total / 1e3:.3f} "
+    print(f"{args.shape} {args.quantize or 'bf16'} batch {args.batch}: wall {wall * 1e3:.3f} ms/step (decode), kernels {total / 1e3:.3f} "
           f"ms/step (prefill included), "
           f"{weight_bytes_per_step(gen.model) / 1e9:.2f} GB weights")
     for e in events[: args.rows]:
