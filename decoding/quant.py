@@ -12,8 +12,11 @@ checkpoints (safetensors with their scales and a format marker).
   into the norms and the v / up rows before the weights are quantized, then plain per-token W8A8 (no
   decomposition unless `threshold` is set).
 
-Only the projections of the decoder blocks are quantized (qkv, o, gate_up, down); the embedding and
-the LM head stay in the model's dtype. `quantize_model` swaps the nn.Linear modules of a loaded
+The projections of the decoder blocks (qkv, o, gate_up, down) are quantized in the mode's way, and the
+LM head (QuantConfig.lm_head, on by default) as W8A16 in every mode: a head only ever multiplies the
+last token of each sequence, which the GEMV serves, and at batch 1 it is a fifth of a Llama-3.2-1B
+step's bytes. A head tied to the embedding gets an int8 copy; the embedding stays in the model's dtype
+(a step reads only its looked-up rows). `quantize_model` swaps the nn.Linear modules of a loaded
 LlamaModel in place, so it works whatever kernels the rest of the step uses.
 """
 
@@ -60,6 +63,8 @@ class QuantConfig:
     """w8a8-smooth: migration strength in [0, 1], s = max|X|^alpha / max|W|^(1 - alpha)."""
     calibration_tokens: int = 8192
     """w8a8-smooth: tokens of calibration text (windows of 512) whose activation maxima set the scales."""
+    lm_head: bool = True
+    """Quantize the LM head too (W8A16, per output channel or group_size, in every mode)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -132,14 +137,19 @@ class Int8Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int | None = None, **kwargs) -> Int8Linear:
-        w = linear.weight
-        layer = cls(w.shape[1], w.shape[0], linear.bias is not None, group_size, w.dtype, w.device, **kwargs)
+        return cls.from_weight(linear.weight, linear.bias, group_size, **kwargs)
+
+    @classmethod
+    def from_weight(cls, w: torch.Tensor, bias: torch.Tensor | None = None, group_size: int | None = None,
+                    **kwargs) -> Int8Linear:
+        """The int8 layer of a 16/32-bit weight [out_features, in_features] (e.g. a tied LM head's embedding)."""
+        layer = cls(w.shape[1], w.shape[0], bias is not None, group_size, w.dtype, w.device, **kwargs)
         with torch.no_grad():
             q, s = quantize_weight(w, group_size)
             layer.qweight.copy_(q)
             layer.scales.copy_(s)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
+            if bias is not None:
+                layer.bias.copy_(bias)
         return layer
 
     def extra_repr(self) -> str:
@@ -244,6 +254,9 @@ def quantize_model(model: nn.Module, quant: str | QuantConfig, progress: bool = 
             parent_path, _, name = path.rpartition(".")
             parent = block.get_submodule(parent_path)
             setattr(parent, name, cls.from_linear(getattr(parent, name), qc.group_size, **kwargs))
+    if qc.lm_head:
+        head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+        model.lm_head = Int8Linear.from_weight(head, None, qc.group_size)
     model.quant = qc
     return model
 
@@ -263,6 +276,8 @@ def build_quantized_model(config: ModelConfig, qc: QuantConfig, device: torch.de
                 lin = getattr(parent, name)
                 setattr(parent, name, cls(lin.in_features, lin.out_features, lin.bias is not None, qc.group_size,
                                           dtype, **kwargs))
+        if qc.lm_head:
+            model.lm_head = Int8Linear(config.hidden_size, config.vocab_size, False, qc.group_size, dtype)
     model = model.to_empty(device=device)
     model.init_buffers()
     model.quant = qc
@@ -284,7 +299,7 @@ def _metadata(qc: QuantConfig, dtype: torch.dtype) -> dict[str, str]:
             "group_size": str(qc.group_size or 0), "threshold": repr(qc.threshold),
             "max_outliers": str(qc.max_outliers), "min_tokens": str(qc.min_tokens),
             "alpha": repr(qc.alpha), "calibration_tokens": str(qc.calibration_tokens),
-            "dtype": str(dtype).removeprefix("torch.")}
+            "lm_head": str(int(qc.lm_head)), "dtype": str(dtype).removeprefix("torch.")}
 
 
 def save_quantized(model: nn.Module, tokenizer, path: str | Path) -> Path:
@@ -354,7 +369,8 @@ def _quant_config(meta: dict[str, str]) -> QuantConfig:
         group = int(meta.get("group_size", "0"))
         return QuantConfig(meta["quantize"], group or None, float(meta.get("threshold", 6.0)),
                            int(meta.get("max_outliers", 64)), int(meta.get("min_tokens", 16)),
-                           float(meta.get("alpha", 0.5)), int(meta.get("calibration_tokens", 8192)))
+                           float(meta.get("alpha", 0.5)), int(meta.get("calibration_tokens", 8192)),
+                           lm_head=meta.get("lm_head", "0") == "1")  # checkpoints before the key: a 16-bit head
     except (KeyError, ValueError) as e:  # InvalidRequest is a ValueError: a bad mode lands here too
         raise CheckpointError(f"quantized checkpoint has bad quantization metadata: {e}") from e
 

@@ -14,6 +14,11 @@ At 2048 tokens the linear is three launches (benches/NOTES.md, INT8, lists their
    the interpreter unless asked for, the pointer-based `_int8_gemm_kernel`.
 With threshold 0 (plain W8A8, and SmoothQuant's "w8a8-smooth") only 2 and 3 run, without the gathers.
 No host syncs: the number of outlier columns is fixed (KO) and the kernels read the live count on device.
+
+The kernels here and in w8a8_prep.py launch directly, not through torch.library.wrap_triton: outside a
+triton_op, wrap_triton dispatches through its higher-order op, which keeps every launch's non-tensor
+arguments in a global side table for good. The TMA kernel's tensor descriptors hold their tensors, so
+every eager W8A8 call leaked its int8 activations and its output (8B shape, 2048 tokens: 2 GiB a forward).
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .w8a8_prep import absmax_plan, outlier_plan, quantize  # noqa: F401  (re-exported: tests, int8.py)
 
@@ -270,7 +274,7 @@ def _launch_tma(a, a_scale, b, b_scale, bias, out, x_out, w_out, cnt, cfg: dict)
     num_sms = 3 if _INTERPRET else _num_sms(a.device.index or 0)
     grid = (min(num_sms, triton.cdiv(M, bm) * triton.cdiv(N, bn)),)
     ko = x_out.shape[1] if has_outliers else 0
-    wrap_triton(_int8_gemm_tma_kernel)[grid](
+    _int8_gemm_tma_kernel[grid](
         TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(b, [bn, bk]),
         TensorDescriptor.from_tensor(out, [bm, bn // split]), a_scale, b_scale,
         bias if bias is not None else b_scale, x_out if has_outliers else a_scale,
@@ -302,7 +306,7 @@ def launch_int8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         return
     cfg = cfg or gemm_config(M)
     has_outliers = x_out is not None and x_out.shape[1] > 0
-    wrap_triton(_int8_gemm_kernel)[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)](
+    _int8_gemm_kernel[(triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)](
         a, b, out, a_scale, b_scale, bias if bias is not None else b_scale, x_out if has_outliers else a_scale,
         w_out if has_outliers else a_scale, cnt if cnt is not None else a_scale, M, N, K,
         x_out.shape[1] if has_outliers else 0, a.stride(0), out.stride(0), x_out.stride(0) if has_outliers else 0,

@@ -31,7 +31,6 @@ import struct
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Column block of the abs-max kernel (and of rmax's entries): 256 B of a bf16 row per program and step.
@@ -314,7 +313,7 @@ def absmax_plan(x: torch.Tensor, threshold: float, ko: int, plan: bool = True, r
     rmax = torch.empty(M, blocks, dtype=torch.float32, device=x.device) if plan else None
     if M > 0:
         cfg = cfg or ABSMAX
-        wrap_triton(_absmax_plan_kernel)[(blocks, slices)](
+        _absmax_plan_kernel[(blocks, slices)](
             x, x.stride(0), ws, rmax if plan else ws, idx, cnt, keep, M, K, ko, _threshold_bits(threshold), rows_per,
             PLAN=plan, CLEAN=reuse, ROW_MAX=plan, BLOCK_M=cfg["BLOCK_M"], BLOCK_K=ABSMAX_BLOCK_K,
             PLAN_BLOCK=min(triton.next_power_of_2(K + 1), PLAN_BLOCK), KO_PAD=max(16, triton.next_power_of_2(ko)),
@@ -359,7 +358,7 @@ def quantize(x: torch.Tensor, keep: torch.Tensor | None = None, cnt: torch.Tenso
         return q, scale, x_out, w_out
     nb = rmax.shape[1] if rmax is not None else 1
     dummy = scale
-    wrap_triton(_quantize_kernel)[(programs,)](
+    _quantize_kernel[(programs,)](
         x, x.stride(0), keep if keep is not None else dummy, rmax if rmax is not None else dummy,
         cnt if cnt is not None else dummy, idx if gather else dummy, w if gather else dummy, q, scale,
         x_out if gather else dummy, w_out if gather else dummy, M, n, K, ko, nb,

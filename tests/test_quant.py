@@ -125,7 +125,7 @@ def test_generation_agrees_with_unquantized(ckpt, mode):
             if isinstance(layer, quant.W8A8Linear):
                 layer.min_tokens = 0
     assert isinstance(q.model.layers[0].attn.qkv, quant.W8A8Linear if mode == "w8a8" else quant.Int8Linear)
-    assert isinstance(q.model.lm_head, torch.nn.Linear) and q.info()["quantize"] == mode
+    assert isinstance(q.model.lm_head, quant.Int8Linear) and q.info()["quantize"] == mode  # W8A16 in every mode
     rate = _greedy_agreement(base, q, PROMPTS, 24)
     assert rate >= 0.9, rate  # measured 0.98 (int8), 0.96 (w8a8); broken scales: 0.35
     # Logits of one prefill stay close: measured relative L2 error 0.011 (int8), 0.016 (w8a8); with the
@@ -148,6 +148,61 @@ def test_int8_decode_steps_agree_with_prefill_on_cuda(ckpt):
         pytest.skip("no CUDA W8A16 GEMV in this build")
     q = Generator.from_pretrained(ckpt, device="cuda", progress=False, quantize="int8")
     assert _greedy_agreement(q, q, PROMPTS, 24) >= 0.9
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama3"])  # an LM head of its own; one tied to the embedding
+def test_lm_head_quantized_or_kept(tmp_path, variant):
+    """QuantConfig.lm_head (default on) makes the head W8A16; a tied head gets an int8 copy and the embedding
+    stays 16-bit. The logits are those of the dequantized head over the same hidden states; with
+    lm_head=False the head is the model's own (nn.Linear, or None when tied) and its logits are bit-identical
+    to those of a model with every projection but the head quantized the same way."""
+    save_random_checkpoint(variant, tmp_path, seed=2, initializer_range=0.05)
+    tied = variant == "llama3"
+    on = Generator.from_pretrained(tmp_path, device="cpu", progress=False, quantize="int8")
+    off = Generator.from_pretrained(tmp_path, device="cpu", progress=False,
+                                    quantize=quant.QuantConfig("int8", lm_head=False))
+    base = Generator.from_pretrained(tmp_path, device="cpu", progress=False)
+    head = on.model.lm_head
+    assert isinstance(head, quant.Int8Linear) and on.model.embed_tokens.weight.dtype == base.model.embed_tokens.weight.dtype
+    assert torch.equal(on.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    assert off.model.lm_head is None if tied else isinstance(off.model.lm_head, torch.nn.Linear)
+    w16 = base.model.embed_tokens.weight if tied else base.model.lm_head.weight
+    q, s = quant.quantize_weight(w16)
+    assert torch.equal(head.qweight, q) and torch.equal(head.scales, s)
+    hidden = torch.randn(3, on.config.hidden_size)
+    expected = torch.nn.functional.linear(hidden, quant.dequantize_weight(q, s))
+    torch.testing.assert_close(on.model.compute_logits(hidden), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(off.model.compute_logits(hidden), base.model.compute_logits(hidden))
+    assert _greedy_agreement(base, on, PROMPTS[:2], 16) >= 0.9
+    # The head's bytes are counted once, the embedding's not at all (a step reads only its looked-up rows).
+    from decoding.bench import weight_bytes_per_step
+
+    emb = base.model.embed_tokens.weight
+    assert weight_bytes_per_step(on.model) == weight_bytes_per_step(off.model) - (
+        emb.numel() * emb.element_size() - q.numel() - s.numel() * 4)
+
+
+def test_lm_head_round_trip_and_old_checkpoints(tmp_path):
+    """A tied int8 head is saved and loaded back (as lm_head.qweight/.scales); a checkpoint written before
+    the lm_head key (no key in the metadata, no head tensors) still loads, with its 16-bit head."""
+    save_random_checkpoint("llama3", tmp_path / "hf", seed=4, initializer_range=0.05)
+    q = Generator.from_pretrained(tmp_path / "hf", device="cpu", progress=False, quantize="int8")
+    path = q.save_quantized(tmp_path / "q")
+    with safe_open(str(path / "model.safetensors"), framework="pt") as st:
+        assert st.metadata()["lm_head"] == "1" and "lm_head.qweight" in set(st.keys())
+    loaded = Generator.from_pretrained(path, device="cpu", progress=False)
+    assert loaded.model.quant.lm_head and torch.equal(loaded.model.lm_head.qweight, q.model.lm_head.qweight)
+    params = SamplingParams(max_tokens=12, temperature=0)
+    assert loaded.generate("def f(x):", params).token_ids == q.generate("def f(x):", params).token_ids
+    old = Generator.from_pretrained(tmp_path / "hf", device="cpu", progress=False,
+                                    quantize=quant.QuantConfig("int8", lm_head=False))
+    old_path = old.save_quantized(tmp_path / "old")
+    with safe_open(str(old_path / "model.safetensors"), framework="pt") as st:
+        meta = {k: v for k, v in st.metadata().items() if k != "lm_head"}
+    _rewrite(old_path, tmp_path / "old2", metadata=meta)
+    reloaded = Generator.from_pretrained(tmp_path / "old2", device="cpu", progress=False)
+    assert not reloaded.model.quant.lm_head and reloaded.model.lm_head is None
+    assert reloaded.generate("def f(x):", params).token_ids == old.generate("def f(x):", params).token_ids
 
 
 def test_quantize_at_load_qwen2_bias(tmp_path):

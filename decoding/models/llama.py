@@ -160,8 +160,10 @@ class LlamaModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [num_seqs, hidden_size] -> fp32 logits [num_seqs, vocab_size]."""
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = ops.linear(hidden, weight)
+        if getattr(self.lm_head, "qweight", None) is not None:  # an int8 head (decoding.quant), tied or not
+            logits = self.lm_head(hidden)
+        else:
+            logits = ops.linear(hidden, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
         if self.tp is not None:  # gathered in the model dtype: the same values as one GPU's .float()
             logits = self.tp.gather_vocab(logits, self.config.vocab_size)
         return logits.float()

@@ -519,6 +519,27 @@ def test_w8a8_linear_in_cuda_graph_gpu():
 
 
 @gpu
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_w8a8_linear_keeps_nothing_gpu(threshold):
+    """Eager W8A8 calls leave no tensor behind: nothing lands in torch's Triton side table (where
+    wrap_triton's higher-order op kept each launch's tensor descriptors, and so the activations and
+    output of every call), and the allocated memory is back where it was after the call."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    from decoding.kernels import w8a8
+
+    x, q, s, b = _w8a8_case(2048, 4096, 4096, torch.bfloat16, "cuda", outlier_cols=(7, 100), seed=2)
+    w8a8.w8a8_linear(x, q, s, b, threshold)  # the abs-max workspace is made once, on the first call
+    torch.cuda.synchronize()
+    entries, before = len(kernel_side_table.constant_args), torch.cuda.memory_allocated()
+    for _ in range(3):
+        w8a8.w8a8_linear(x, q, s, b, threshold)
+    torch.cuda.synchronize()
+    assert len(kernel_side_table.constant_args) == entries
+    assert torch.cuda.memory_allocated() == before
+
+
+@gpu
 @pytest.mark.parametrize("case", ["none_over", "many_over", "unaligned_k"])
 def test_w8a8_linear_prefill_cases_gpu(monkeypatch, case):
     """At 2048 tokens (TMA GEMM): no column over the threshold (count 0: the gathers and the epilogue's
