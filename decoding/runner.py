@@ -65,13 +65,22 @@ MIXED_MIN_TOKENS = 16  # the smallest token bucket of a mixed graph
 MIXED_MAX_TOKENS = 2048  # the largest (ModelRunner.mixed_max_tokens); larger steps run eagerly
 
 
+def token_buckets(max_tokens: int = MIXED_MAX_TOKENS) -> list[int]:
+    """The token counts of the mixed graphs, up to max_tokens: powers of two from MIXED_MIN_TOKENS to 256,
+    then steps of a quarter of the power of two below (320, 384, 448, 512, 640, ..., 1024, 1280, ...), so
+    a step of more than 256 tokens computes at most 25% padding rows (with powers of two, a 300-token
+    step computed 512)."""
+    out, b = [], MIXED_MIN_TOKENS
+    while b <= max_tokens:
+        out.append(b)
+        b = b * 2 if b < 256 else b + (1 << (b.bit_length() - 1)) // 4
+    return out
+
+
 def token_bucket(num_tokens: int, max_tokens: int = MIXED_MAX_TOKENS) -> int | None:
-    """The token count a mixed graph pads a step of num_tokens to: a power of two from MIXED_MIN_TOKENS on,
-    or None past max_tokens."""
-    b = MIXED_MIN_TOKENS
-    while b < num_tokens:
-        b *= 2
-    return b if b <= max_tokens else None
+    """The token count a mixed graph pads a step of num_tokens to (the smallest of token_buckets that
+    holds it), or None past max_tokens."""
+    return next((b for b in token_buckets(max_tokens) if b >= num_tokens), None)
 
 
 def mixed_layout(tokens: int, seqs: int) -> tuple[slice, ...]:
@@ -409,8 +418,7 @@ class ModelRunner:
         mixed = self._mixed_graphs()
         top_t = token_bucket(max_tokens, self.mixed_max_tokens) or self.mixed_max_tokens
         top_s = next((b for b in GRAPH_BUCKETS if b >= max_seqs), GRAPH_BUCKETS[-1])
-        shapes = [(t, s) for t in (MIXED_MIN_TOKENS << i for i in range(32)) if t <= top_t
-                  for s in GRAPH_BUCKETS if s <= min(t, top_s)]
+        shapes = [(t, s) for t in token_buckets(top_t) for s in GRAPH_BUCKETS if s <= min(t, top_s)]
         new = [shape for shape in shapes if shape not in mixed.graphs]
         for t, s in new:
             mixed.graphs[(t, s)] = mixed._capture(t, s)

@@ -11,7 +11,7 @@ from decoding.bench import preset_config
 from decoding.cache import AttentionMetadata
 from decoding.loader import build_model, load_weights, random_tensors
 from decoding.runner import (MIXED_MAX_TOKENS, ModelRunner, StepInput, mixed_forward, mixed_layout,
-                             stage_mixed_step, token_bucket)
+                             stage_mixed_step, token_bucket, token_buckets)
 
 CUDA = torch.cuda.is_available()
 
@@ -59,7 +59,10 @@ def free_step(runner: ModelRunner, inp: StepInput) -> None:
 
 # ------------------------------------------------------------------------------------------ CPU: host side
 def test_token_bucket():
-    assert [token_bucket(n) for n in (1, 15, 16, 17, 255, 256, 257)] == [16, 16, 16, 32, 256, 256, 512]
+    assert [token_bucket(n) for n in (1, 15, 16, 17, 255, 256, 257)] == [16, 16, 16, 32, 256, 256, 320]
+    assert token_buckets(1024) == [16, 32, 64, 128, 256, 320, 384, 448, 512, 640, 768, 896, 1024]
+    for n in range(257, MIXED_MAX_TOKENS + 1):  # past 256, at most a quarter of a step is padding
+        assert n <= token_bucket(n) < 1.25 * n + 1
     assert token_bucket(MIXED_MAX_TOKENS) == MIXED_MAX_TOKENS and token_bucket(MIXED_MAX_TOKENS + 1) is None
     assert token_bucket(513, max_tokens=512) is None and token_bucket(512, max_tokens=512) == 512
 
