@@ -19,6 +19,7 @@ interpreter when it decorates the kernels, i.e. at import time.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -95,7 +96,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """
     _check(x)
     inter = x.shape[-1] // 2
-    x2 = x.reshape(-1, x.shape[-1])  # a view whenever the rows have one stride
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # a view whenever the rows have one stride
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     out = torch.empty(x2.shape[0], inter, dtype=x.dtype, device=x.device)
