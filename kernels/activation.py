@@ -7,11 +7,17 @@ two elementwise kernels and their intermediate). A 2-D grid, rows by column bloc
 
 Numerics as `decoding.reference.silu_and_mul_ref` (F.silu(gate) * up): silu in fp32 as torch's CUDA kernel
 writes it, x / (1 + exp(-x)), rounded to the dtype; the product of that and up in fp32, rounded again. On
-a GPU the exp is libdevice's expf (`__nv_expf`, what nvcc compiles `expf` to) and the division IEEE
-(div_rn), the functions torch's kernel uses, so the results should match it bit for bit; tl.exp (ex2.approx
-on a scaled argument) and `/` (div.full) differ in the last fp32 bits, which bf16/fp16 rounding turns into
-1-ulp differences on a few elements (PRECISE=False, kept for the benchmark's comparison). The interpreter
-has no libdevice and always runs the tl.exp form; it also truncates fp32 -> bf16 instead of rounding.
+a GPU the exp is libdevice's expf (`__nv_expf`, the code nvcc inlines for `expf`) and the division IEEE
+(div_rn), the functions torch's kernel uses, so the results should match it bit for bit (not yet run on a
+GPU: tests/kernels/test_activation.py::test_exact_gpu says). Two details of the compiled code (PTX for
+sm_90, read without a GPU): expf ends in a multiply by 2^j, which LLVM contracts with the `1 +` into one
+FMA, as nvcc's default --fmad=true (and ptxas, for a plain mul.f32 then add.f32) does in torch's kernel;
+the fp32 product of two 16-bit values becomes a native bf16x2 / f16x2 multiply, the same single rounding
+of the exact product (bf16 differs only for products below 2^-126, which fp32 rounds twice).
+tl.exp (ex2.approx of a rounded scaled argument) and `/` (div.full) differ in the last fp32 bits, which
+bf16/fp16 rounding turns into 1-2 ulp differences on a few elements: PRECISE=False, for the benchmark's
+comparison. The interpreter has no libdevice and always runs that form; it also truncates fp32 -> bf16
+instead of rounding to nearest.
 
 Set TRITON_INTERPRET=1 before importing this module to run on CPU tensors: `triton.jit` picks the
 interpreter when it decorates the kernels, i.e. at import time.
@@ -59,15 +65,27 @@ def _launch_config(inter: int) -> dict:
     return {"BLOCK": block, "num_warps": min(max(block // 256, 1), 4)}
 
 
-def _launch(out: torch.Tensor, x: torch.Tensor, block: int, num_warps: int, precise: bool, wrap: bool = True) -> None:
+def _launch(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    block: int,
+    num_warps: int,
+    precise: bool,
+    wrap: bool = True,
+    fp_fusion: bool = True,
+) -> None:
     """out [M, I] <- silu(gate) * up of x [M, 2I] (rows strided, last dim contiguous), M and I > 0.
 
-    wrap=False launches the kernel itself, for callers outside the triton_op (benches/bench_activation.py):
-    there wrap_triton would dispatch every call through its higher-order op (see kernels/w8a8.py)."""
+    wrap=False launches the kernel itself, for callers outside the triton_op (benches, GPU tests): there
+    wrap_triton would dispatch every call through its higher-order op (see kernels/w8a8.py).
+    fp_fusion=False (direct launches only) compiles without FMA contraction, to compare roundings."""
     inter = out.shape[1]
     grid = (x.shape[0], triton.cdiv(inter, block))
     kernel = wrap_triton(_silu_and_mul_kernel) if wrap else _silu_and_mul_kernel
-    kernel[grid](out, out.stride(0), x, x.stride(0), inter, BLOCK=block, PRECISE=precise, num_warps=num_warps)
+    options = {} if fp_fusion else {"enable_fp_fusion": False}
+    kernel[grid](
+        out, out.stride(0), x, x.stride(0), inter, BLOCK=block, PRECISE=precise, num_warps=num_warps, **options
+    )
 
 
 def _check(x: torch.Tensor) -> None:

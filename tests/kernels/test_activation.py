@@ -214,19 +214,25 @@ def test_exact_dtypes_gpu(monkeypatch, dtype, inter):
     _assert_exact(_run(monkeypatch, x), x, f"{dtype} 256x{inter}")
 
 
+# Compiled variants that are not the default, for the record: (PRECISE, enable_fp_fusion).
+VARIANTS = {"tl.exp and div.full": (False, True), "libdevice without FMA contraction": (True, False)}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_fast_math_variant_gpu(dtype):
-    """PRECISE=False (tl.exp, div.full), not used by default: how far it is from the reference, printed;
-    at most the 2 ulps of one flipped silu rounding."""
+def test_variants_gpu(dtype, variant):
+    """How far the other compiled forms of silu are from torch's, printed (the default is asserted exact
+    above); at most the 2 ulps of one flipped silu rounding."""
     _gpu_backend()
     from decoding.kernels import activation
 
+    precise, fp_fusion = VARIANTS[variant]
     x = _inputs(2048, 14336, dtype, "cuda")
     out = torch.empty(2048, 14336, dtype=dtype, device="cuda")
-    activation._launch(out, x, 1024, 4, precise=False, wrap=False)
+    activation._launch(out, x, 1024, 4, precise, wrap=False, fp_fusion=fp_fusion)
     ulps = _ulps(out, silu_and_mul_ref(x))
-    print(f"\nfast-math {dtype}: {(ulps > 0).sum().item()} of {ulps.numel()} differ, max {ulps.max().item()} ulps")
+    print(f"\n{variant}, {dtype}: {(ulps > 0).sum().item()} of {ulps.numel()} differ, max {ulps.max().item()} ulps")
     assert ulps.max().item() <= 2
 
 
