@@ -54,7 +54,7 @@ def _silu_and_mul_kernel(out_ptr, out_stride, x_ptr, x_stride, inter, BLOCK: tl.
         silu = tl.math.div_rn(gate, 1.0 + libdevice.exp(-gate))
     else:
         silu = gate / (1.0 + tl.exp(-gate))
-    # A 16-bit silu times a 16-bit up is exact in fp32: the product's one rounding is the reference's.
+    # 16-bit silu times 16-bit up is exact in fp32, so the one rounding is the reference's (fp32: its product).
     out = (silu.to(dtype).to(tl.float32) * up).to(dtype)
     tl.store(out_ptr + row * out_stride + cols, out, mask=mask)
 
