@@ -233,11 +233,14 @@ def _sampler():
 
 _TRITON_NORM, _TRITON_ERROR = _load_triton()
 if _TRITON_NORM is not None:
+    from decoding.kernels import activation as _triton_activation
     from decoding.kernels import attention as _triton_attention
     from decoding.kernels import sampling as _triton_sampling
 
     _IMPLS["rms_norm"]["triton"] = _TRITON_NORM.rms_norm
     _IMPLS["fused_add_rms_norm_"]["triton"] = _TRITON_NORM.fused_add_rms_norm_
+    # Every token count on CUDA: decode sizes of gate_up mostly run the fused GEMV (linear_silu_mul) instead.
+    _IMPLS["silu_and_mul"]["triton"] = _triton_activation.silu_and_mul
     _IMPLS["sample_tokens"]["triton"] = _triton_sampling.sample_tokens_graphed
     _IMPLS["paged_attention"]["triton"] = _triton_attention.paged_attention
     _IMPLS["paged_mixed_attention"]["triton"] = _triton_attention.paged_mixed_attention

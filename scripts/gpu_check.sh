@@ -29,6 +29,7 @@ for b in json.load(open(sys.argv[1]))["benchmarks"]:
     print(f"{b['name']:<55} {b['extra_info']['us_per_call']:8.2f} us  {b['extra_info']['GB/s']:8.1f} GB/s")
 PY
 python3 benches/bench_sampler.py 2>&1 | tee -a "$OUT/env.txt"
+python3 benches/bench_activation.py 2>&1 | tee -a "$OUT/env.txt"
 # Continuous batching under load vs static batches of 32, same requests, same run (1B shape: a few minutes).
 timeout 900 python3 -m decoding bench --serve --shape llama-3.2-1b --random-weights --requests 300 \
     --prompt-len 128:2048 --output-len 32:512 --static-baseline --no-progress --json "$OUT/serve_1b.json" 2>&1 \
