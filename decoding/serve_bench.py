@@ -5,7 +5,8 @@ a given rate (or all at once), over a random-weight model shape. Reports through
 token and inter-token latency percentiles (exact, from every token's timestamp), and, measured in the
 same process: the decode step time of one request alone (the inter-token latency floor) and, with
 --static-baseline, the same requests in static batches of 32 (admitted together, none added until
-all of them finish), as the throughput ratio the issue asks for. Each run prints the engine's step log
+all of them finish; with a token budget of at least 512, the default, whatever the continuous run's), as
+the throughput ratio the issue asks for. Each run prints the engine's step log
 per step kind (decoding/steplog.py); --profile FILE records a window of steps of the continuous run with
 torch.profiler (a chrome trace, and the top 25 kernels by device time printed).
 """
@@ -28,6 +29,7 @@ from decoding.sampling.params import SamplingParams
 from decoding.steplog import format_summary, format_top
 
 STATIC_BATCH = 32
+STATIC_MIN_TOKENS = 512  # SchedulerConfig's default max_num_batched_tokens: the static baseline's least
 
 
 @dataclass
@@ -180,10 +182,16 @@ def main(args) -> None:
     print(f"  batch-1 decode step: {step_ms:.2f} ms")
     results = [run_load(gen, work, params, "continuous", args.progress, args.profile, args.profile_steps)]
     if args.static_baseline:
+        # A smaller token budget than the default chunks a static batch's prefill finer, which only slows
+        # the baseline down: it gets at least the default's (its graphs captured ahead, as above).
+        budget = cfg.max_num_batched_tokens
+        cfg.max_num_batched_tokens = max(budget, STATIC_MIN_TOKENS)
+        gen.engine.call(lambda e: e.runner.capture_mixed_graphs(cfg.max_num_batched_tokens, cfg.max_num_seqs))
         pool.clear_cache()  # the baseline starts as cold as the continuous run did
-        gen.engine.config.static_batch_size = STATIC_BATCH
-        results.append(run_load(gen, work, params, f"static batches of {STATIC_BATCH}", args.progress))
-        gen.engine.config.static_batch_size = None
+        cfg.static_batch_size = STATIC_BATCH
+        results.append(run_load(gen, work, params, f"static batches of {STATIC_BATCH} (max_num_batched_tokens "
+                                f"{cfg.max_num_batched_tokens})", args.progress))
+        cfg.static_batch_size, cfg.max_num_batched_tokens = None, budget
     for r in results:
         print(f"  {r.mode}: {r.requests} requests in {r.duration_s:.1f} s: {r.output_tok_s:.0f} output tok/s "
               f"({r.total_tok_s:.0f} with prompts), {r.requests_per_s:.2f} req/s, {r.preemptions} preemptions, "
