@@ -106,6 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--context-cost", type=float, default=None,
                        help="budget cost of a decode row's context token (SchedulerConfig.context_cost; 8B/H100 ~0.0017)")
     serve.add_argument("--profile-steps", type=int, default=30, help="steps in the --profile window")
+    serve.add_argument("--step-trace", default=None,
+                       help="write every step's host and device times of the continuous run here (JSON)")
     serve.add_argument("--no-progress", dest="progress", action="store_false")
     qnt = sub.add_parser("quantize", help="quantize a checkpoint once and save it (load it later with --model)")
     qnt.add_argument("out", help="directory to write (config.json, tokenizer, model.safetensors)")

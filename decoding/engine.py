@@ -420,7 +420,7 @@ class Engine:
                         seq.pending += 1
         if rec is not None:
             log.end(rec)
-        self._read_drawn()  # the previous step's tokens: read while the GPU runs this step
+        self._read_drawn(rec)  # the previous step's tokens: read while the GPU runs this step
         self._drawn = drawn
         if not self.overlap:
             self._read_drawn()
@@ -442,12 +442,17 @@ class Engine:
         return StepInput([it.seq.blocks for it in items], [it.seq.num_computed + it.num_tokens for it in items],
                          ids, [it.num_tokens for it in items], prev_rows)
 
-    def _read_drawn(self) -> None:
-        """Read the last step's tokens (waits for their copy) and hand them to their sequences."""
+    def _read_drawn(self, rec=None) -> None:
+        """Read the last step's tokens (waits for their copy) and hand them to their sequences; `rec`, the
+        step log's record of the step just issued, gets the times of the wait's and the hand-over's ends."""
         drawn, self._drawn = self._drawn, None
         if drawn is not None:
             drawn.wait()
+            if rec is not None:
+                rec.t_waited = time.perf_counter()
             self._accept(drawn)
+            if rec is not None:
+                rec.t_accepted = time.perf_counter()
 
     def _accept(self, drawn: _Drawn) -> None:
         """Hand each sequence its token, retire finished ones. Rows of sequences that have finished (or

@@ -13,6 +13,7 @@ torch.profiler (a chrome trace, and the top 25 kernels by device time printed).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import queue
@@ -57,6 +58,10 @@ class ServeResult:
     """The engine's step log summary per step kind (decoding.steplog.StepLog.summary)."""
     profile: dict | None = None
     """With --profile: the profiled window's steps and its top kernels (StepLog.profile_result)."""
+    gc_pauses: dict | None = None
+    """Python's cyclic garbage collections during the run, per generation: count, total and max pause ms."""
+    trace: dict | None = None
+    """With --step-trace: every step's record (StepLog.trace)."""
 
 
 def parse_range(text: str) -> tuple[int, int]:
@@ -88,8 +93,33 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": qs[49], "p90": qs[89], "p99": qs[98], "mean": statistics.fmean(values)}
 
 
+class GcPauses:
+    """Times Python's garbage collections (any thread's) while installed: gc.callbacks."""
+
+    def __init__(self) -> None:
+        self.stats = {g: {"count": 0, "total_ms": 0.0, "max_ms": 0.0} for g in range(3)}
+        self._t = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._t = time.perf_counter()
+        else:
+            ms = (time.perf_counter() - self._t) * 1e3
+            st = self.stats[info["generation"]]
+            st["count"] += 1
+            st["total_ms"] += ms
+            st["max_ms"] = max(st["max_ms"], ms)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
+
+
 def run_load(gen, work: Workload, params: SamplingParams, mode: str, progress: bool = True,
-             profile: str | None = None, profile_steps: int = 30) -> ServeResult:
+             profile: str | None = None, profile_steps: int = 30, trace: bool = False) -> ServeResult:
     """Submit the workload at its arrival times (a driver thread) and wait for every request; the engine
     logs its steps meanwhile. With `profile` (a file name), torch.profiler records `profile_steps` steps
     from the one after half of the requests have finished, into a chrome trace there."""
@@ -111,20 +141,21 @@ def run_load(gen, work: Workload, params: SamplingParams, mode: str, progress: b
 
     start = time.perf_counter()
     thread = threading.Thread(target=driver, daemon=True)
-    thread.start()
     ttft, itl, out_tokens, prompt_tokens = [], [], 0, 0
     end = start
-    for _ in tqdm(range(len(work.prompts)), desc=mode, unit="req", disable=not progress):
-        handle = handles.get()
-        out = handle.result()
-        req = handle._request
-        times = req.seqs[0].token_times
-        end = max(end, times[-1] if times else time.perf_counter())
-        ttft.append((times[0] - req.t_arrival) * 1e3)
-        itl.extend((b - a) * 1e3 for a, b in zip(times, times[1:]))
-        out_tokens += len(out.token_ids)
-        prompt_tokens += len(out.prompt_token_ids)
-    thread.join()
+    with GcPauses() as pauses:
+        thread.start()
+        for _ in tqdm(range(len(work.prompts)), desc=mode, unit="req", disable=not progress):
+            handle = handles.get()
+            out = handle.result()
+            req = handle._request
+            times = req.seqs[0].token_times
+            end = max(end, times[-1] if times else time.perf_counter())
+            ttft.append((times[0] - req.t_arrival) * 1e3)
+            itl.extend((b - a) * 1e3 for a, b in zip(times, times[1:]))
+            out_tokens += len(out.token_ids)
+            prompt_tokens += len(out.prompt_token_ids)
+        thread.join()
     if profile:
         engine.call(lambda e: log.stop_profile())  # on the engine thread, which started it
     engine.step_log = None
@@ -136,7 +167,7 @@ def run_load(gen, work: Workload, params: SamplingParams, mode: str, progress: b
                        (out_tokens + prompt_tokens) / duration, len(work.prompts) / duration,
                        percentiles(ttft), percentiles(itl),
                        after["preemptions_total"] - before["preemptions_total"], max(0.0, hit), log.summary(),
-                       log.profile_result)
+                       log.profile_result, pauses.stats, log.trace() if trace else None)
 
 
 def batch1_step_ms(gen, vocab: int, prompt: int = 128, new: int = 64) -> float:
@@ -180,7 +211,8 @@ def main(args) -> None:
           f"{gen.engine.config.max_num_seqs}, max_num_batched_tokens {gen.engine.config.max_num_batched_tokens}, "
           f"context_cost {gen.engine.config.context_cost}")
     print(f"  batch-1 decode step: {step_ms:.2f} ms")
-    results = [run_load(gen, work, params, "continuous", args.progress, args.profile, args.profile_steps)]
+    results = [run_load(gen, work, params, "continuous", args.progress, args.profile, args.profile_steps,
+                        args.step_trace is not None)]
     if args.static_baseline:
         # A smaller token budget than the default chunks a static batch's prefill finer, which only slows
         # the baseline down: it gets at least the default's (its graphs captured ahead, as above).
@@ -203,12 +235,15 @@ def main(args) -> None:
               "    schedule and build the step, then to issue it and its sampling; GPU: device time from the step's\n"
               "    first to last kernel, and idle: device time waiting for the host before the step, on CUDA):")
         print(format_summary(r.steps))
+        print("    Python GC pauses: " + "; ".join(f"gen {g}: {st['count']}x, {st['total_ms']:.1f} ms, max {st['max_ms']:.2f}"
+                                                 for g, st in r.gc_pauses.items()))
         if r.profile is not None:
             print(format_top(r.profile))
         elif args.profile and r.mode == "continuous":
             print("  profile: the window (after half of the requests finished) was never reached")
     report = {"shape": args.shape, "device": str(dev), "dtype": str(dt).removeprefix("torch."),
-              "batch1_step_ms": step_ms, "kv_blocks": pool.num_blocks, "results": [asdict(r) for r in results]}
+              "batch1_step_ms": step_ms, "kv_blocks": pool.num_blocks,
+              "results": [{k: v for k, v in asdict(r).items() if k != "trace"} for r in results]}
     if len(results) == 2:
         ratio = results[0].output_tok_s / results[1].output_tok_s
         report["continuous_over_static"] = ratio
@@ -216,4 +251,7 @@ def main(args) -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
+    if args.step_trace:
+        with open(args.step_trace, "w") as f:
+            json.dump({r.mode: r.trace for r in results if r.trace is not None}, f)
     gen.close()

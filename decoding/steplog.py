@@ -41,6 +41,10 @@ class StepRecord:
     decode_context: int
     """Tokens of context the decode rows' attention reads (their lengths, summed): their K/V traffic."""
     graphed: bool
+    t_waited: float = 0.0
+    """... once the previous step's tokens were on the host (the engine waited for them after issuing this step)."""
+    t_accepted: float = 0.0
+    """... once those tokens were handed to their sequences (stops checked, finished requests retired)."""
     start: torch.cuda.Event | None = None
     end: torch.cuda.Event | None = None
 
@@ -80,7 +84,7 @@ class StepLog:
         if rec.start is not None:
             rec.end = torch.cuda.Event(enable_timing=True)
             rec.end.record()
-        rec.t_issued = time.perf_counter()
+        rec.t_issued = rec.t_waited = rec.t_accepted = time.perf_counter()
         self.records.append(rec)
         if self._profiler is not None:
             self._profiled += 1
@@ -118,10 +122,30 @@ class StepLog:
                                "top": top_ops(prof, 25, self.cuda)}
 
     # ------------------------------------------------------------------ after the run
+    TRACE_COLUMNS = ("t_schedule", "t_launch", "t_issued", "t_waited", "t_accepted", "gpu_start_ms", "gpu_ms",
+                     "decode_rows", "prefill_tokens", "prefill_seqs", "decode_context", "graphed")
+
+    def trace(self) -> dict:
+        """Every record as a row of TRACE_COLUMNS: host times in ms from the first step's t_schedule, the
+        device's start in ms from the first step's start event (on CUDA; else None) and its duration."""
+        recs = list(self.records)
+        if self.cuda and recs:
+            torch.cuda.synchronize()
+        t0 = recs[0].t_schedule if recs else 0.0
+        first = recs[0].start if recs else None
+        rows = []
+        for r in recs:
+            host = [round((t - t0) * 1e3, 4) for t in (r.t_schedule, r.t_launch, r.t_issued, r.t_waited, r.t_accepted)]
+            on_gpu = r.start is not None and r.end is not None and first is not None
+            gpu = [round(first.elapsed_time(r.start), 4), round(r.start.elapsed_time(r.end), 4)] if on_gpu else [None, None]
+            rows.append(host + gpu + [r.decode_rows, r.prefill_tokens, r.prefill_seqs, r.decode_context, r.graphed])
+        return {"columns": list(self.TRACE_COLUMNS), "rows": rows}
+
     def summary(self) -> dict[str, dict]:
         """Per step kind (and "all"): steps, wall_s (sum of launch-to-next-launch intervals), interval_ms
         (p50/p90/p99 of those intervals), host_sched_ms and host_issue_ms (p50: scheduling and building the
-        step, then issuing it), means of decode_rows, prefill_tokens, prefill_seqs,
+        step, then issuing it), host_wait_ms and host_accept_ms (percentiles: waiting for the previous
+        step's tokens after issuing this one, then handing them to their sequences), means of decode_rows, prefill_tokens, prefill_seqs,
         decode_context; on CUDA also gpu_s and
         gpu_ms (percentiles of each step's device time, start to end event) and gpu_idle_before_ms (mean
         device time between the previous step's end and this one's start: waiting for the host)."""
@@ -158,6 +182,8 @@ def _stats(rows: list) -> dict:
         "interval_ms": _pcts(intervals),
         "host_sched_ms": _pcts([(r.t_launch - r.t_schedule) * 1e3 for r in recs])["p50"],
         "host_issue_ms": _pcts([(r.t_issued - r.t_launch) * 1e3 for r in recs])["p50"],
+        "host_wait_ms": _pcts([(r.t_waited - r.t_issued) * 1e3 for r in recs]),
+        "host_accept_ms": _pcts([(r.t_accepted - r.t_waited) * 1e3 for r in recs]),
         "decode_rows": statistics.fmean(r.decode_rows for r in recs),
         "prefill_tokens": statistics.fmean(r.prefill_tokens for r in recs),
         "prefill_seqs": statistics.fmean(r.prefill_seqs for r in recs),
@@ -174,7 +200,7 @@ def format_summary(summary: dict[str, dict]) -> str:
     """The summary as a table, one line per step kind."""
     gpu = any("gpu_ms" in s for s in summary.values())
     head = (f"    {'step kind':<15}{'steps':>7}{'wall s':>8}  {'launch interval ms p50/p90/p99':<31}"
-            f"{'sched/issue ms':>15}{'decodes':>9}{'(ctx)':>7}{'prefill tok':>12}{'(seqs)':>7}")
+            f"{'sched/issue ms':>15}{'wait p50/p99':>14}{'accept p50/p99':>16}{'decodes':>9}{'(ctx)':>7}{'prefill tok':>12}{'(seqs)':>7}")
     if gpu:
         head += f"  {'GPU ms p50/p90/p99':<22}{'GPU s':>7}{'idle ms':>8}"
     lines = [head]
@@ -182,7 +208,9 @@ def format_summary(summary: dict[str, dict]) -> str:
         iv = s["interval_ms"]
         line = (f"    {kind:<15}{s['steps']:>7}{s['wall_s']:>8.2f}  "
                 f"{iv['p50']:>9.2f}/{iv['p90']:>9.2f}/{iv['p99']:>9.2f}  "
-                f"{s['host_sched_ms']:>7.2f}/{s['host_issue_ms']:<7.2f}{s['decode_rows']:>9.1f}"
+                f"{s['host_sched_ms']:>7.2f}/{s['host_issue_ms']:<7.2f}"
+                f"{s['host_wait_ms']['p50']:>7.2f}/{s['host_wait_ms']['p99']:<6.2f}"
+                f"{s['host_accept_ms']['p50']:>8.2f}/{s['host_accept_ms']['p99']:<7.2f}{s['decode_rows']:>9.1f}"
                 f"{s['decode_context'] / max(s['decode_rows'], 1e-9):>7.0f}"
                 f"{s['prefill_tokens']:>12.1f}{s['prefill_seqs']:>7.2f}")
         if "gpu_ms" in s:

@@ -14,8 +14,10 @@ from decoding.steplog import StepLog, StepRecord, format_summary, format_top
 
 
 def rec(t: float, decodes: int, prefill_tokens: int = 0, prefill_seqs: int = 0, graphed: bool = False):
-    """A record launched at t seconds, scheduled 1 ms before, issued 2 ms after; decodes of 100 tokens."""
-    return StepRecord(t - 0.001, t, t + 0.002, decodes, prefill_tokens, prefill_seqs, 100 * decodes, graphed)
+    """A record launched at t seconds, scheduled 1 ms before, issued 2 ms after, the previous step's tokens
+    read 3 ms after and handed over 3.5 ms after; decodes of 100 tokens."""
+    return StepRecord(t - 0.001, t, t + 0.002, decodes, prefill_tokens, prefill_seqs, 100 * decodes, graphed,
+                      t + 0.003, t + 0.0035)
 
 
 def test_summary_per_kind_from_known_timestamps():
@@ -38,6 +40,7 @@ def test_summary_per_kind_from_known_timestamps():
     assert mixed["decode_context"] == 400 and prefill["decode_context"] == 0
     assert graphed["decode_rows"] == pytest.approx(23 / 3) and graphed["prefill_tokens"] == 0
     assert total["host_sched_ms"] == pytest.approx(1.0) and total["host_issue_ms"] == pytest.approx(2.0)
+    assert total["host_wait_ms"]["p99"] == pytest.approx(1.0) and total["host_accept_ms"]["p50"] == pytest.approx(0.5)
     assert "gpu_ms" not in total  # no CUDA events on CPU
     table = format_summary(s)
     assert all(k in table for k in s) and len(table.splitlines()) == 1 + len(s)
@@ -85,7 +88,14 @@ def test_engine_logs_every_step_only_when_asked(gen, monkeypatch):
     assert sum(r.decode_context for r in recs) == sum(
         sum(range(len(o.prompt_token_ids) + 1, len(o.prompt_token_ids) + len(o.token_ids))) for o in outs)
     assert all(r.decode_rows + r.prefill_tokens <= 32 for r in recs)  # the token budget
-    assert all(r.t_schedule <= r.t_launch <= r.t_issued for r in recs)
+    assert all(r.t_schedule <= r.t_launch <= r.t_issued <= r.t_waited <= r.t_accepted for r in recs)
+    assert all(a.t_accepted <= b.t_schedule for a, b in itertools.pairwise(recs))
+    trace = log.trace()
+    assert len(trace["rows"]) == len(recs) and trace["rows"][0][0] == 0.0
+    col = {c: i for i, c in enumerate(trace["columns"])}
+    assert [row[col["prefill_tokens"]] for row in trace["rows"]] == [r.prefill_tokens for r in recs]
+    assert all(row[col["gpu_ms"]] is None for row in trace["rows"])  # no CUDA events on CPU
+    assert trace["rows"][-1][col["t_accepted"]] == pytest.approx((recs[-1].t_accepted - recs[0].t_schedule) * 1e3, abs=1e-3)
     assert all(a.t_launch <= b.t_launch for a, b in itertools.pairwise(recs))
     s = log.summary()
     assert s["all"]["steps"] == len(recs) == sum(v["steps"] for k, v in s.items() if k != "all")
