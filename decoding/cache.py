@@ -14,6 +14,7 @@ import torch
 
 from decoding.config import ModelConfig
 from decoding.errors import CacheExhausted
+from decoding.nosync import to_device
 
 
 def blocks_for(num_tokens: int, block_size: int) -> int:
@@ -180,9 +181,7 @@ class AttentionMetadata:
         for q_len in query_lens:
             starts.append(starts[-1] + q_len)
 
-        def as_tensor(x: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
-
-        return cls(as_tensor(slots, torch.int64), as_tensor(padded, torch.int32),
-                   as_tensor(seq_lens, torch.int32), as_tensor(starts, torch.int32), max(seq_lens),
+        device = torch.device(device)
+        return cls(to_device(slots, torch.int64, device), to_device(padded, torch.int32, device),
+                   to_device(seq_lens, torch.int32, device), to_device(starts, torch.int32, device), max(seq_lens),
                    starts, list(seq_lens))

@@ -30,6 +30,7 @@ import torch
 from decoding.cache import KVCache, blocks_for, bytes_per_block
 from decoding.errors import CacheExhausted, DecodingError
 from decoding.metrics import Metrics
+from decoding.nosync import to_device
 from decoding.runner import ModelRunner, StepInput
 from decoding.sampling.sampler import SamplingState, bucket, sample
 from decoding.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -361,6 +362,7 @@ class Engine:
     def _step(self) -> None:
         sched, state, log = self.scheduler, self.sampler, self.step_log
         t_schedule = time.perf_counter() if log is not None else 0.0
+        self.runner.token_budget = self.config.max_num_batched_tokens  # full steps get a graph of their size
         out = sched.schedule()
         self._drop_rows(out.preempted)
         items = out.scheduled
@@ -410,7 +412,7 @@ class Engine:
                     selected = logits
                 else:
                     rows += [rows[0]] * (state.width - len(rows))  # padding rows: sampled, then ignored
-                    selected = logits.index_select(0, torch.tensor(rows).to(logits.device, non_blocking=True))
+                    selected = logits.index_select(0, to_device(rows, torch.int64, logits.device))
                 result = sample(selected, state)
                 if self.overlap:
                     self.runner.record_tokens(result.tokens)

@@ -15,6 +15,7 @@ import torch
 
 from decoding import ops
 from decoding.cache import AttentionMetadata, KVCache, blocks_for
+from decoding.nosync import capture, to_device
 from decoding.models.llama import LlamaModel
 
 
@@ -65,22 +66,25 @@ MIXED_MIN_TOKENS = 16  # the smallest token bucket of a mixed graph
 MIXED_MAX_TOKENS = 2048  # the largest (ModelRunner.mixed_max_tokens); larger steps run eagerly
 
 
-def token_buckets(max_tokens: int = MIXED_MAX_TOKENS) -> list[int]:
+def token_buckets(max_tokens: int = MIXED_MAX_TOKENS, budget: int | None = None) -> list[int]:
     """The token counts of the mixed graphs, up to max_tokens: powers of two from MIXED_MIN_TOKENS to 256,
     then steps of a quarter of the power of two below (320, 384, 448, 512, 640, ..., 1024, 1280, ...), so
     a step of more than 256 tokens computes at most 25% padding rows (with powers of two, a 300-token
-    step computed 512)."""
+    step computed 512); and the scheduler's token budget, if given (its full steps, the most common
+    ones while requests wait, then compute no padding row)."""
     out, b = [], MIXED_MIN_TOKENS
     while b <= max_tokens:
         out.append(b)
         b = b * 2 if b < 256 else b + (1 << (b.bit_length() - 1)) // 4
+    if budget is not None and budget <= max_tokens and budget not in out:
+        out = sorted([*out, budget])
     return out
 
 
-def token_bucket(num_tokens: int, max_tokens: int = MIXED_MAX_TOKENS) -> int | None:
+def token_bucket(num_tokens: int, max_tokens: int = MIXED_MAX_TOKENS, budget: int | None = None) -> int | None:
     """The token count a mixed graph pads a step of num_tokens to (the smallest of token_buckets that
     holds it), or None past max_tokens."""
-    return next((b for b in token_buckets(max_tokens) if b >= num_tokens), None)
+    return next((b for b in token_buckets(max_tokens, budget) if b >= num_tokens), None)
 
 
 def mixed_layout(tokens: int, seqs: int) -> tuple[slice, ...]:
@@ -178,10 +182,7 @@ class _DecodeGraphs:
         with torch.cuda.stream(stream):
             self._forward(bucket)  # warm-up: Triton compiles, cuBLAS picks its kernels, outside the capture
         torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(bucket)
-        return graph, logits
+        return capture(lambda: self._forward(bucket), self.pool, device)
 
     def run(self, inp: StepInput) -> torch.Tensor:
         b = inp.num_seqs
@@ -274,10 +275,7 @@ class _MixedGraphs:
         with torch.cuda.stream(stream):
             self._forward(tokens, seqs)  # warm-up: Triton compiles, cuBLAS picks its kernels
         torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._forward(tokens, seqs)
-        return graph
+        return capture(lambda: self._forward(tokens, seqs), self.pool, device)[0]
 
     def run(self, inp: StepInput, shape: tuple[int, int]) -> torch.Tensor:
         tokens, seqs = shape
@@ -311,6 +309,7 @@ class ModelRunner:
         self._graphs: _DecodeGraphs | None = None
         self._mixed: _MixedGraphs | None = None
         self.mixed_max_tokens = MIXED_MAX_TOKENS  # steps of more tokens run eagerly
+        self.token_budget: int | None = None  # the scheduler's max_num_batched_tokens: a mixed graph bucket
         # The tokens of the last step, as the engine recorded them (record_tokens), for a step launched
         # before the host has read them (StepInput.prev_rows); a fixed buffer, so graphs can read it.
         self.prev_capacity = 1024
@@ -357,8 +356,8 @@ class ModelRunner:
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy the K/V of block src into block dst, for each (src, dst), in every layer (copy-on-write of
         a forked candidate's partial block; tensor-parallel drivers send the same call to their workers)."""
-        src = torch.tensor([s for s, _ in pairs]).to(self.device, non_blocking=True)
-        dst = torch.tensor([d for _, d in pairs]).to(self.device, non_blocking=True)
+        src = to_device([s for s, _ in pairs], torch.int64, self.device)
+        dst = to_device([d for _, d in pairs], torch.int64, self.device)
         for layer_cache in (*self.cache.k, *self.cache.v):
             layer_cache.index_copy_(0, dst, layer_cache.index_select(0, src))
 
@@ -371,11 +370,11 @@ class ModelRunner:
         meta = AttentionMetadata.build(inp.block_tables, inp.seq_lens, inp.query_lens, self.block_size,
                                        self.device)
         meta.max_seq_len = max(meta.max_seq_len, self.attention_bound())
-        ids = torch.tensor(inp.input_ids, dtype=torch.int64).to(self.device, non_blocking=True)
+        ids = to_device(inp.input_ids, torch.int64, self.device)
         if inp.prev_rows is not None:
-            src = torch.tensor(self.id_sources(inp.prev_rows, len(inp.input_ids))).to(self.device, non_blocking=True)
-            ids = self.resolve_ids(ids, src)
-        pos = torch.tensor(inp.positions(), dtype=torch.int64).to(self.device, non_blocking=True)
+            ids = self.resolve_ids(ids, to_device(self.id_sources(inp.prev_rows, len(inp.input_ids)), torch.int64,
+                                                  self.device))
+        pos = to_device(inp.positions(), torch.int64, self.device)
         return self.model(ids, pos, (self.cache.k, self.cache.v), meta)
 
     def uses_graph(self, inp: StepInput) -> bool:
@@ -390,7 +389,7 @@ class ModelRunner:
                 or ops.select("paged_mixed_attention", self.device) != "triton"
                 or os.environ.get("DECODING_PREFILL_ATTENTION", "triton") != "triton"):
             return None
-        t = token_bucket(len(inp.input_ids), self.mixed_max_tokens)
+        t = token_bucket(len(inp.input_ids), self.mixed_max_tokens, self.token_budget)
         s = next((b for b in GRAPH_BUCKETS if b >= inp.num_seqs), None)
         return None if t is None or s is None else (t, s)
 
@@ -410,15 +409,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture_mixed_graphs(self, max_tokens: int, max_seqs: int) -> int:
-        """Capture now every mixed graph that a step of at most max_tokens tokens and max_seqs sequences can
-        replay (else each is captured by the first step of its shape, a slow step); returns how many were new.
+        """Capture now every mixed graph that a step of at most max_tokens tokens (the token budget, made a
+        bucket of its own: token_buckets) and max_seqs sequences can replay (else each is captured by the
+        first step of its shape, a slow step); returns how many were new.
         Captures read and write nothing of the KV cache (all padding)."""
         if self.mixed_graph_shape(StepInput([[0]], [2], [0, 0], [2])) is None:
             return 0
         mixed = self._mixed_graphs()
-        top_t = token_bucket(max_tokens, self.mixed_max_tokens) or self.mixed_max_tokens
+        self.token_budget = max_tokens
+        top_t = token_bucket(max_tokens, self.mixed_max_tokens, max_tokens) or self.mixed_max_tokens
         top_s = next((b for b in GRAPH_BUCKETS if b >= max_seqs), GRAPH_BUCKETS[-1])
-        shapes = [(t, s) for t in token_buckets(top_t) for s in GRAPH_BUCKETS if s <= min(t, top_s)]
+        shapes = [(t, s) for t in token_buckets(top_t, max_tokens) for s in GRAPH_BUCKETS if s <= min(t, top_s)]
         new = [shape for shape in shapes if shape not in mixed.graphs]
         for t, s in new:
             mixed.graphs[(t, s)] = mixed._capture(t, s)
@@ -439,7 +440,7 @@ class ModelRunner:
             return self._mixed_graphs().run(inp, shape)
         hidden = self.forward_hidden(inp)
         if not inp.is_decode:
-            last = torch.tensor(inp.query_lens).cumsum(0).sub(1).to(self.device, non_blocking=True)
+            last = to_device(inp.query_lens, torch.int64, self.device).cumsum(0).sub(1)
             hidden = hidden[last]
         return self.model.compute_logits(hidden)
 

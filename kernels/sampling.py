@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from decoding.nosync import capture
+
 _BLOCK = 1024
 
 
@@ -310,14 +312,11 @@ def sample_tokens_graphed(logits: torch.Tensor, state) -> torch.Tensor:
         static_in = logits.clone()
         # Compile the kernels outside the capture on a throwaway copy of the state, since a step mutates it.
         sample_tokens_split(static_in, state.clone())
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
         # All graphs of a state share one memory pool: they replay one at a time on one stream, each
         # rewrites its scratch before reading it, and each output is cloned before the next replay.
         pool = state.fused_graphs.setdefault("pool", torch.cuda.graph_pool_handle())
-        # thread_local: the engine thread captures while caller threads may touch CUDA (e.g. a tensor .to()).
-        with torch.cuda.graph(g, pool=pool, capture_error_mode="thread_local"):
-            static_out = sample_tokens_split(static_in, state)
+        # No device sync, no emptied allocator caches (decoding/nosync.py): steps may be in flight.
+        g, static_out = capture(lambda: sample_tokens_split(static_in, state), pool, logits.device)
         # Capturing records the launches without running them: the state has not advanced yet.
         graph = (g, static_in, static_out)
         state.fused_graphs[key] = graph

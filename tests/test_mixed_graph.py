@@ -65,6 +65,11 @@ def test_token_bucket():
         assert n <= token_bucket(n) < 1.25 * n + 1
     assert token_bucket(MIXED_MAX_TOKENS) == MIXED_MAX_TOKENS and token_bucket(MIXED_MAX_TOKENS + 1) is None
     assert token_bucket(513, max_tokens=512) is None and token_bucket(512, max_tokens=512) == 512
+    # the scheduler's budget is a bucket of its own (a full step pads nothing), within max_tokens only
+    assert token_buckets(512, budget=288) == [16, 32, 64, 128, 256, 288, 320, 384, 448, 512]
+    assert token_buckets(512, budget=320) == token_buckets(512) == token_buckets(512, budget=600)
+    assert [token_bucket(n, 512, 288) for n in (256, 257, 288, 289)] == [256, 288, 288, 320]
+    assert token_bucket(100, 512, 100) == 100 and token_bucket(101, 512, 100) == 128
 
 
 def test_stage_mixed_step_layout():

@@ -67,3 +67,27 @@ def test_concurrent_requests_on_cuda_equal_alone(base, options):
     # one graph per (bucket, flags) met, not one per composition: the batch changed at most steps
     assert 0 < len(graphs) <= 12, graphs
     assert gen.metrics()["steps_total"] > 3 * len(graphs)
+
+
+@pytest.mark.parametrize("options", [dict(max_num_batched_tokens=64, num_kv_blocks=256), dict(num_kv_blocks=12)],
+                         ids=["chunked-prefill", "preemption"])
+def test_serving_never_waits_for_the_device(base, options):
+    """The engine issues step t+1 before it reads step t's tokens: a call that synchronizes with the device
+    in between (a blocking copy, .item(), torch.tensor(..., device="cuda")) stalls the host for the whole
+    step in flight (decoding/nosync.py). The load runs twice (the first run compiles and captures), the
+    second under sync debug mode "error", which makes every such call raise; the engine's deliberate wait
+    for a step's tokens is an event wait, not one of them. Mixed parameters: penalties, forks (n=2, a
+    copy-on-write block copy), log-probs; rows join and leave; with the small pool, preemptions too."""
+    gen = Generator(base.model, base.tokenizer, **options)
+    first = [_tokens(out) for out in generate_in_threads(gen, PROMPTS, PARAMS)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the mode is on: a blocking copy raises
+            torch.tensor([1.0], device="cuda")
+        second = [_tokens(out) for out in generate_in_threads(gen, PROMPTS, PARAMS)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert second == first
+    assert _pool_whole(gen)
+    gen.close()

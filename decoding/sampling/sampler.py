@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from decoding import ops
+from decoding.nosync import to_device
 from decoding.sampling.params import SamplingParams
 
 _MASK32 = 0xFFFFFFFF
@@ -95,6 +96,7 @@ class SamplingState:
         self.pad_to_bucket = pad_to_bucket
         self.need_all_logprobs = need_logprobs
         self.capacity = 0
+        self._neutral = torch.tensor(_NEUTRAL_F32, device=self.device)[:, None]  # [len(_F32), 1]: an empty row
         self._f32 = torch.zeros(len(_F32), 0, device=self.device)
         self._i64 = torch.zeros(len(_I64), 0, dtype=torch.int64, device=self.device)
         self._counts: torch.Tensor | None = None  # [capacity, vocab] int32: times each token was generated
@@ -154,8 +156,8 @@ class SamplingState:
             if self._seen is None and params.repetition_penalty != 1.0:
                 self._seen = self._new_table(torch.bool)
         end = start + len(rows)
-        self._f32[:, start:end] = torch.tensor(f32, dtype=torch.float32).T.to(self.device, non_blocking=True)
-        self._i64[:, start:end] = torch.tensor(i64, dtype=torch.int64).T.to(self.device, non_blocking=True)
+        self._f32[:, start:end] = to_device(f32, torch.float32, self.device).T
+        self._i64[:, start:end] = to_device(i64, torch.int64, self.device).T
         if self._counts is not None or self._seen is not None:
             self._fill_tables(start, rows)
         self._filter_rows = False
@@ -198,7 +200,7 @@ class SamplingState:
                     self.owners[m], self.use_filter[m], self._logprobs[m]
         del self.owners[keep_n:], self.use_filter[keep_n:], self._logprobs[keep_n:]
         # Rows past the end become inert again: padding rows are sampled (and ignored) by bucketed steps.
-        self._f32[:, keep_n:n] = torch.tensor(_NEUTRAL_F32, device=self.device)[:, None]
+        self._f32[:, keep_n:n] = self._neutral  # (a constant made once: torch.tensor(..., device=) would sync)
         self._i64[0, keep_n:n] = 0
         self._filter_rows = False
 
@@ -221,7 +223,7 @@ class SamplingState:
         if capacity <= self.capacity:
             return
         n = self.num_rows
-        f32 = torch.tensor(_NEUTRAL_F32, device=self.device)[:, None].repeat(1, capacity)
+        f32 = self._neutral.repeat(1, capacity)
         i64 = torch.zeros(len(_I64), capacity, dtype=torch.int64, device=self.device)
         f32[:, :n], i64[:, :n] = self._f32[:, :n], self._i64[:, :n]
         self._f32, self._i64 = f32, i64
@@ -238,7 +240,7 @@ class SamplingState:
         return torch.zeros(self.capacity, self.vocab_size, dtype=dtype, device=self.device)
 
     def _index(self, values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.int64).to(self.device, non_blocking=True)
+        return to_device(values, torch.int64, self.device)
 
     # ------------------------------------------------------------------ views the samplers read
     def _row(self, buf: torch.Tensor, names: tuple[str, ...], name: str) -> torch.Tensor:
