@@ -78,6 +78,8 @@ def test_serving_never_waits_for_the_device(base, options):
     second under sync debug mode "error", which makes every such call raise; the engine's deliberate wait
     for a step's tokens is an event wait, not one of them. Mixed parameters: penalties, forks (n=2, a
     copy-on-write block copy), log-probs; rows join and leave; with the small pool, preemptions too."""
+    import traceback
+
     gen = Generator(base.model, base.tokenizer, **options)
     first = [_tokens(out) for out in generate_in_threads(gen, PROMPTS, PARAMS)]
     torch.cuda.synchronize()
@@ -85,9 +87,16 @@ def test_serving_never_waits_for_the_device(base, options):
     try:
         with pytest.raises(RuntimeError, match="synchroniz"):  # the mode is on: a blocking copy raises
             torch.tensor([1.0], device="cuda")
-        second = [_tokens(out) for out in generate_in_threads(gen, PROMPTS, PARAMS)]
+        handles = [gen.submit(p, sp) for p, sp in zip(PROMPTS, PARAMS)]
+        second, errors = [], []
+        for h in handles:
+            try:
+                second.append(_tokens(h.result()))
+            except Exception as e:  # where the engine synchronized: the engine's own traceback
+                errors.append("".join(traceback.format_exception(e.__cause__ or e)))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert not errors, errors[0]
     assert second == first
     assert _pool_whole(gen)
     gen.close()
