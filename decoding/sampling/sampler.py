@@ -97,6 +97,7 @@ class SamplingState:
         self.need_all_logprobs = need_logprobs
         self.capacity = 0
         self._neutral = torch.tensor(_NEUTRAL_F32, device=self.device)[:, None]  # [len(_F32), 1]: an empty row
+        self._true = torch.ones((), dtype=torch.bool, device=self.device)
         self._f32 = torch.zeros(len(_F32), 0, device=self.device)
         self._i64 = torch.zeros(len(_I64), 0, dtype=torch.int64, device=self.device)
         self._counts: torch.Tensor | None = None  # [capacity, vocab] int32: times each token was generated
@@ -177,7 +178,8 @@ class SamplingState:
             all_r = out_r + [start + i for i, r in enumerate(rows) for _ in r[3]]
             all_t = out_t + [t for r in rows for t in r[3]]
             if all_t:
-                self._seen[self._index(all_r), self._index(all_t)] = True
+                # a device True: a Python scalar as index_put_'s value is a blocking host-to-device copy
+                self._seen.index_put_((self._index(all_r), self._index(all_t)), self._true)
 
     def remove(self, rows: list[int]) -> None:
         """Drop these rows; the last rows move into the holes (see `owners` for the new order)."""
