@@ -48,6 +48,8 @@ from .prefill_attention import (  # noqa: F401
 BLOCK_N = 64  # tokens per inner step
 MAX_PARTS = 64  # partitions per sequence at most
 MIN_PART = 128  # tokens per partition at least
+DECODE_WARPS = 4
+DECODE_STAGES: int | None = None  # Triton's default software pipelining
 
 
 def num_partitions(max_seq_len: int) -> int:
@@ -186,7 +188,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         NUM_HEADS=num_heads, NUM_PARTS=num_parts_pad if num_parts > 1 else 1, MIN_PART=MIN_PART,
         GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 16), HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, HAS_WINDOW=sliding_window is not None,
-        IEEE=q.dtype == torch.float32 or q.device.type == "cpu", num_warps=4)
+        IEEE=q.dtype == torch.float32 or q.device.type == "cpu", num_warps=DECODE_WARPS,
+        **({} if DECODE_STAGES is None else {"num_stages": DECODE_STAGES}))
     if num_parts > 1:
         _merge_kernel[(num_seqs, num_heads)](
             out, pm, pl, pacc, seq_lens, sliding_window or 0, out.stride(0), out.stride(1),
