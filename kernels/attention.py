@@ -47,9 +47,13 @@ from .prefill_attention import (  # noqa: F401
 
 BLOCK_N = 64  # tokens per inner step
 MAX_PARTS = 64  # partitions per sequence at most
-MIN_PART = 128  # tokens per partition at least
+# Tokens per partition at least, and the partition kernel's pipelining. Swept on an H100 (8B shape,
+# benches/bench_decode_attention.py, benches/NOTES.md): 256 tokens and 2 stages took batch 48 x context
+# 1285 from 72.5% to 82.1% of copy bandwidth (the merge reads 2-4x fewer partials) at +1-2 us a layer for
+# one sequence; 512 was 1.5 points better batched and slower alone.
+MIN_PART = 256
 DECODE_WARPS = 4
-DECODE_STAGES: int | None = None  # Triton's default software pipelining
+DECODE_STAGES: int | None = 2
 
 
 def num_partitions(max_seq_len: int) -> int:

@@ -36,10 +36,14 @@ def _inputs(device, dtype, tokens=7, heads=8, kv_heads=2, head_dim=64, block=16,
 @pytest.mark.gpu
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("dims", [(8, 2, 64), (32, 8, 128), (9, 3, 64), (4, 4, 32)], ids=str)
-def test_rope_and_cache_matches_reference(dtype, dims):
+@pytest.mark.parametrize("dims", [(8, 2, 64), (32, 8, 128), (9, 3, 64), (4, 4, 32), (3, 1, 36), (2, 2, 12)], ids=str)
+@pytest.mark.parametrize("tokens", [7, 300])
+def test_rope_and_cache_matches_reference(dtype, dims, tokens):
+    """4 pairs a thread where head_dim / 2 is a multiple of 4 (all but 36 and 12: one pair a thread), a block
+    per token and group of heads (9 + 3 heads: a partial last group)."""
     heads, kv_heads, head_dim = dims
-    got = _inputs("cuda", dtype, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    got = _inputs("cuda", dtype, tokens=tokens, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                  num_blocks=-(-tokens // 16) + 2)
     want = [t.clone() if torch.is_tensor(t) else t for t in got]
     torch.ops.decoding.rope_and_cache(got[7], got[1], got[2], got[3], got[4], got[5], got[6], got[8])
     qkv = want[0]
