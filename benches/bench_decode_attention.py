@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import statistics
 
 import torch
+from int8_timing import time_rotating
 
 from decoding.bench import copy_bandwidth_gbps
 from decoding.kernels import attention as att
@@ -42,26 +42,13 @@ def make_case(batch: int, ctx: int, gen: torch.Generator):
     return q, k, v, tables, lens
 
 
-def run(case) -> list[torch.Tensor]:
+def time_case(case) -> tuple[float, torch.Tensor]:
+    """us per call (benches/int8_timing.py: the calls captured in one graph, median replay / calls) and the
+    first call's output."""
     q, k, v, tables, lens = case
-    return [att.paged_decode_attention(q, k, v, t, lens, DIM ** -0.5, None, BOUND) for t in tables]
-
-
-def time_case(case, replays: int = 20) -> tuple[float, torch.Tensor]:
-    out = run(case)  # compile
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        run(case)
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / CALLS)
-    return statistics.median(times), out[0]
+    calls = [lambda t=t: att.paged_decode_attention(q, k, v, t, lens, DIM ** -0.5, None, BOUND) for t in tables]
+    out = calls[0]()
+    return time_rotating(calls) * 1e6, out
 
 
 def configure(min_part: int, block_n: int, warps: int, stages: int | None) -> None:
