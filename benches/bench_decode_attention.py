@@ -87,7 +87,8 @@ def main() -> None:
         for us, cfg, text in sorted(rows, key=lambda r: r[0])[: 8 if args.sweep else 1] + (
                 [r for r in rows if r[1] == default] if args.sweep else []):
             mark = " <- current" if cfg == default else ""
-            print(f"  MIN_PART {cfg[0]:>4} BLOCK_N {cfg[1]:>3} warps {cfg[2]} stages {cfg[3]}: {us:8.2f} us  {text}{mark}")
+            print(f"  MIN_PART {cfg[0]:>4} BLOCK_N {cfg[1]:>3} warps {cfg[2]} stages {cfg[3]}: "
+                  f"{us:8.2f} us  {text}{mark}")
         del case
         torch.cuda.empty_cache()
 

@@ -3,13 +3,13 @@
 The engine launches step t+1 before it reads step t's tokens (decoding/engine.py); host work that
 waits for the device in between stalls it for the whole step in flight. A synchronizing call (a
 blocking copy, `torch.tensor(..., device="cuda")`, .item()) in the engine's hot path cost ~13 ms in one
-step of five on the 8B shape (benches/NOTES.md, serving v4); tests/test_engine_gpu.py runs a serving
+step of five on the 8B shape (benches/NOTES.md, serving v4); tests/test_scheduler_gpu.py serves a mixed
 load under torch.cuda.set_sync_debug_mode("error") so that none comes back.
 
-Graph capture: `torch.cuda.graph` first synchronizes the device and empties the CUDA and pinned-host allocator caches.
-Captured in the middle of serving, that stalls the engine for the step in flight, and every allocation
-after it pays cudaMalloc / cudaHostAlloc again (both synchronizing): hundreds of ms of one step on the
-8B shape (benches/NOTES.md, serving v4). `capture` does what the capture itself needs and nothing else:
+Graph capture: `torch.cuda.graph` first synchronizes the device and empties the CUDA and pinned-host
+allocator caches. Captured in the middle of serving (the engine captures lazily), that stalls the engine
+for the step in flight, and every allocation after it pays cudaMalloc / cudaHostAlloc again (both
+synchronizing): steps of 170-600 ms on the 8B shape (benches/NOTES.md, serving v4). `capture` does what the capture itself needs and nothing else:
 a side stream that waits for the current one, capture_begin / capture_end there, and the current stream
 waits for the side stream after it. The capture error mode is thread-local: other threads may keep using
 CUDA while the engine thread captures.

@@ -235,8 +235,8 @@ def main(args) -> None:
               "    schedule and build the step, then to issue it and its sampling; GPU: device time from the step's\n"
               "    first to last kernel, and idle: device time waiting for the host before the step, on CUDA):")
         print(format_summary(r.steps))
-        print("    Python GC pauses: " + "; ".join(f"gen {g}: {st['count']}x, {st['total_ms']:.1f} ms, max {st['max_ms']:.2f}"
-                                                 for g, st in r.gc_pauses.items()))
+        print("    Python GC pauses: " + "; ".join(
+            f"gen {g}: {st['count']}x, {st['total_ms']:.1f} ms, max {st['max_ms']:.2f}" for g, st in r.gc_pauses.items()))
         if r.profile is not None:
             print(format_top(r.profile))
         elif args.profile and r.mode == "continuous":

@@ -137,7 +137,9 @@ class StepLog:
         for r in recs:
             host = [round((t - t0) * 1e3, 4) for t in (r.t_schedule, r.t_launch, r.t_issued, r.t_waited, r.t_accepted)]
             on_gpu = r.start is not None and r.end is not None and first is not None
-            gpu = [round(first.elapsed_time(r.start), 4), round(r.start.elapsed_time(r.end), 4)] if on_gpu else [None, None]
+            gpu = [None, None]
+            if on_gpu:
+                gpu = [round(first.elapsed_time(r.start), 4), round(r.start.elapsed_time(r.end), 4)]
             rows.append(host + gpu + [r.decode_rows, r.prefill_tokens, r.prefill_seqs, r.decode_context, r.graphed])
         return {"columns": list(self.TRACE_COLUMNS), "rows": rows}
 
@@ -145,7 +147,8 @@ class StepLog:
         """Per step kind (and "all"): steps, wall_s (sum of launch-to-next-launch intervals), interval_ms
         (p50/p90/p99 of those intervals), host_sched_ms and host_issue_ms (p50: scheduling and building the
         step, then issuing it), host_wait_ms and host_accept_ms (percentiles: waiting for the previous
-        step's tokens after issuing this one, then handing them to their sequences), means of decode_rows, prefill_tokens, prefill_seqs,
+        step's tokens after issuing this one, then handing them to their sequences), means of decode_rows,
+        prefill_tokens, prefill_seqs,
         decode_context; on CUDA also gpu_s and
         gpu_ms (percentiles of each step's device time, start to end event) and gpu_idle_before_ms (mean
         device time between the previous step's end and this one's start: waiting for the host)."""
@@ -200,7 +203,8 @@ def format_summary(summary: dict[str, dict]) -> str:
     """The summary as a table, one line per step kind."""
     gpu = any("gpu_ms" in s for s in summary.values())
     head = (f"    {'step kind':<15}{'steps':>7}{'wall s':>8}  {'launch interval ms p50/p90/p99':<31}"
-            f"{'sched/issue ms':>15}{'wait p50/p99':>14}{'accept p50/p99':>16}{'decodes':>9}{'(ctx)':>7}{'prefill tok':>12}{'(seqs)':>7}")
+            f"{'sched/issue ms':>15}{'wait p50/p99':>14}{'accept p50/p99':>16}"
+            f"{'decodes':>9}{'(ctx)':>7}{'prefill tok':>12}{'(seqs)':>7}")
     if gpu:
         head += f"  {'GPU ms p50/p90/p99':<22}{'GPU s':>7}{'idle ms':>8}"
     lines = [head]

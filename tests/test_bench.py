@@ -65,7 +65,8 @@ def test_serve_bench_cli(tmp_path, capsys):
     assert main(["bench", "--serve", "--shape", "tiny", "--random-weights", "--requests", "24", "--rate", "400",
                  "--prompt-len", "4:40", "--output-len", "2:12", "--static-baseline", "--device", "cpu",
                  "--max-num-batched-tokens", "64", "--num-kv-blocks", "12", "--no-progress",
-                 "--json", str(out), "--profile", str(tmp_path / "trace.json"), "--profile-steps", "3"]) == 0
+                 "--json", str(out), "--profile", str(tmp_path / "trace.json"), "--profile-steps", "3",
+                 "--step-trace", str(tmp_path / "steps.json")]) == 0
     data = json.loads(out.read_text())
     cont, static = data["results"]
     # The baseline's prefill is not chunked finer than the default budget's, whatever the continuous run's (64).
@@ -87,7 +88,22 @@ def test_serve_bench_cli(tmp_path, capsys):
     assert cont["profile"]["steps"] == 3 and (tmp_path / "trace.json").exists() and static["profile"] is None
     text = capsys.readouterr().out
     assert data["batch1_step_ms"] > 0 and "continuous / static throughput" in text
-    assert "launch interval ms" in text and "profile of 3 steps" in text
+    assert "launch interval ms" in text and "profile of 3 steps" in text and "Python GC pauses" in text
+    # --step-trace: every step of the continuous run (not the baseline's), none in the JSON report
+    trace = json.loads((tmp_path / "steps.json").read_text())
+    assert list(trace) == ["continuous"] and len(trace["continuous"]["rows"]) == cont["steps"]["all"]["steps"]
+    assert "trace" not in cont and set(cont["gc_pauses"]) == {"0", "1", "2"}
+
+
+def test_gc_pauses_counts_collections():
+    import gc
+
+    from decoding.serve_bench import GcPauses
+
+    with GcPauses() as pauses:
+        gc.collect()
+    assert pauses.stats[2]["count"] >= 1 and pauses.stats[2]["max_ms"] > 0
+    assert pauses not in gc.callbacks
 
 
 def test_cli_tp_runs_tp1_then_tp2_and_reports_speedup(tmp_path, capsys):

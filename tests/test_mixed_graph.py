@@ -179,7 +179,8 @@ def test_mixed_graph_matches_eager(gpu_runner, name, prev_rows, monkeypatch):
             got = runner.step(inp)
             assert torch.equal(kv_checksum(runner, inp.block_tables), before)
             if exact:  # the step's own K (written again from the same qkv GEMM) too
-                assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(runner.cache.k, want_kv))
+                assert all(torch.equal(a.view(torch.int16), b.view(torch.int16))
+                           for a, b in zip(runner.cache.k, want_kv))
         assert got.shape == want.shape
         if exact:
             assert torch.equal(got, want)
