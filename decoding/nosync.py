@@ -30,16 +30,19 @@ def to_device(values: Sequence, dtype: torch.dtype, device: torch.device) -> tor
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
-def capture(fn: Callable[[], object], pool=None, device: torch.device | None = None
+def capture(fn: Callable[[], object], pool=None, device: torch.device | None = None, warmup: bool = False
             ) -> tuple[torch.cuda.CUDAGraph, object]:
     """Capture fn() into a new CUDA graph (in memory pool `pool`, else a private one); returns the graph
-    and what fn returned (the graph's static outputs). Run fn once eagerly first (Triton compiles, cuBLAS
-    picks its kernels): a capture records launches, it does not run them."""
+    and what fn returned (the graph's static outputs). fn must have run once eagerly before (Triton
+    compiles, cuBLAS picks its kernels; a capture records launches, it does not run them): `warmup` runs
+    it once on the capture stream first, for an fn whose eager run may write what the graph writes."""
     current = torch.cuda.current_stream(device)
     stream = torch.cuda.Stream(device)
     stream.wait_stream(current)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(stream):
+        if warmup:
+            fn()
         graph.capture_begin(*(() if pool is None else (pool,)), capture_error_mode="thread_local")
         try:
             out = fn()

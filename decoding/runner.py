@@ -177,12 +177,7 @@ class _DecodeGraphs:
         ids, pos, slots, lens, src = self._header(self.dev_staging, bucket)
         ids.zero_(), pos.zero_(), slots.fill_(-1), lens.zero_()  # all padding: the warm-up writes nothing
         src.copy_(torch.arange(bucket, device=device) + self.runner.prev_capacity)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            self._forward(bucket)  # warm-up: Triton compiles, cuBLAS picks its kernels, outside the capture
-        torch.cuda.current_stream(device).wait_stream(stream)
-        return capture(lambda: self._forward(bucket), self.pool, device)
+        return capture(lambda: self._forward(bucket), self.pool, device, warmup=True)
 
     def run(self, inp: StepInput) -> torch.Tensor:
         b = inp.num_seqs
@@ -270,12 +265,7 @@ class _MixedGraphs:
         ids, pos, slots, src, lens, starts = (self.dev_staging[sl] for sl in mixed_layout(tokens, seqs))
         ids.zero_(), pos.zero_(), slots.fill_(-1), lens.zero_(), starts.zero_()  # all padding: writes nothing
         src.copy_(torch.arange(tokens, device=device) + self.runner.prev_capacity)
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            self._forward(tokens, seqs)  # warm-up: Triton compiles, cuBLAS picks its kernels
-        torch.cuda.current_stream(device).wait_stream(stream)
-        return capture(lambda: self._forward(tokens, seqs), self.pool, device)[0]
+        return capture(lambda: self._forward(tokens, seqs), self.pool, device, warmup=True)[0]
 
     def run(self, inp: StepInput, shape: tuple[int, int]) -> torch.Tensor:
         tokens, seqs = shape
