@@ -362,7 +362,6 @@ class Engine:
     def _step(self) -> None:
         sched, state, log = self.scheduler, self.sampler, self.step_log
         t_schedule = time.perf_counter() if log is not None else 0.0
-        self.runner.token_budget = self.config.max_num_batched_tokens  # full steps get a graph of their size
         out = sched.schedule()
         self._drop_rows(out.preempted)
         items = out.scheduled
@@ -442,7 +441,8 @@ class Engine:
             elif prev_rows is not None:
                 prev_rows.extend([-1] * it.num_tokens)
         return StepInput([it.seq.blocks for it in items], [it.seq.num_computed + it.num_tokens for it in items],
-                         ids, [it.num_tokens for it in items], prev_rows)
+                         ids, [it.num_tokens for it in items], prev_rows,
+                         self.config.max_num_batched_tokens)  # full steps get a graph of their size
 
     def _read_drawn(self, rec=None) -> None:
         """Read the last step's tokens (waits for their copy) and hand them to their sequences; `rec`, the

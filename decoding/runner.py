@@ -34,6 +34,9 @@ class StepInput:
     # Per input token: -1 (input_ids holds it), or the row of the runner's last recorded tokens
     # (ModelRunner.record_tokens) that holds it, a token the host has not read yet.
     prev_rows: list[int] | None = None
+    # The scheduler's max_num_batched_tokens, a mixed-graph token bucket of its own (token_buckets): it
+    # travels with the step, so every tensor-parallel rank pads it to the same graph.
+    token_budget: int | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -299,7 +302,6 @@ class ModelRunner:
         self._graphs: _DecodeGraphs | None = None
         self._mixed: _MixedGraphs | None = None
         self.mixed_max_tokens = MIXED_MAX_TOKENS  # steps of more tokens run eagerly
-        self.token_budget: int | None = None  # the scheduler's max_num_batched_tokens: a mixed graph bucket
         # The tokens of the last step, as the engine recorded them (record_tokens), for a step launched
         # before the host has read them (StepInput.prev_rows); a fixed buffer, so graphs can read it.
         self.prev_capacity = 1024
@@ -379,7 +381,7 @@ class ModelRunner:
                 or ops.select("paged_mixed_attention", self.device) != "triton"
                 or os.environ.get("DECODING_PREFILL_ATTENTION", "triton") != "triton"):
             return None
-        t = token_bucket(len(inp.input_ids), self.mixed_max_tokens, self.token_budget)
+        t = token_bucket(len(inp.input_ids), self.mixed_max_tokens, inp.token_budget)
         s = next((b for b in GRAPH_BUCKETS if b >= inp.num_seqs), None)
         return None if t is None or s is None else (t, s)
 
@@ -406,7 +408,6 @@ class ModelRunner:
         if self.mixed_graph_shape(StepInput([[0]], [2], [0, 0], [2])) is None:
             return 0
         mixed = self._mixed_graphs()
-        self.token_budget = max_tokens
         top_t = token_bucket(max_tokens, self.mixed_max_tokens, max_tokens) or self.mixed_max_tokens
         top_s = next((b for b in GRAPH_BUCKETS if b >= max_seqs), GRAPH_BUCKETS[-1])
         shapes = [(t, s) for t in token_buckets(top_t, max_tokens) for s in GRAPH_BUCKETS if s <= min(t, top_s)]

@@ -72,6 +72,20 @@ def test_token_bucket():
     assert token_bucket(100, 512, 100) == 100 and token_bucket(101, 512, 100) == 128
 
 
+def test_mixed_graph_shape_takes_the_steps_budget(monkeypatch):
+    """The budget travels with the step (StepInput.token_budget), so every tensor-parallel rank, which
+    gets the step and not the engine's config, pads it to the same graph."""
+    import decoding.runner as runner_mod
+
+    runner = make_runner("cpu", torch.float32, num_blocks=8)
+    runner.cuda_graphs = True  # shapes only: nothing is captured or run here
+    monkeypatch.setattr(runner_mod.ops, "select", lambda op, device: "triton")
+    inp = StepInput([[0]] * 2, [150, 138], [0] * 288, [150, 138])
+    assert runner.mixed_graph_shape(inp) == (320, 2)
+    inp.token_budget = 288
+    assert runner.mixed_graph_shape(inp) == (288, 2)
+
+
 def test_stage_mixed_step_layout():
     """The staged step holds what AttentionMetadata.build and StepInput.positions give the eager step, plus
     padding: id 0, position 0, slot -1 (no KV write) per padding token; seq_len 0 and no new tokens per
